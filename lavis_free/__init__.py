@@ -1,0 +1,8 @@
+"""lavis-free: FREE early exits for LAVIS vision-language models.
+
+Importing this package registers every model, dataset builder, task and runner of the plugin
+with LAVIS's registry. The compat fixes run first because LAVIS imports torchvision.
+"""
+from lavis_free import compat  # noqa: F401  (must precede any lavis import)
+
+__version__ = "0.1.0"
