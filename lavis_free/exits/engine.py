@@ -1,0 +1,284 @@
+"""Early-exit greedy decoding that skips layers for real.
+
+The prefix (image queries + prompt) runs at full depth, filling every backbone layer's and every
+exit transformer's cache. Then, token by token, decoder layers run one at a time; after an exit
+layer its exit transformer and the frozen head give logits, and `_decide_exits` (THE place where
+the exit decision is made) lets rows whose confidence reaches the threshold emit their token and
+stop. Keys/values those rows skipped are filled by the cache's policy (see kv_cache.py).
+
+Batch semantics: every row decides for itself. A slot runs only on the rows still going at that
+depth (the others are gathered out), so rows that exited or finished do not pay for deeper
+layers. With `recompute`, a row's window also carries its pending columns; rows with shorter
+windows are masked within the batched call.
+
+With exits disabled (threshold above 1) the engine is plain full-depth greedy decoding and gives
+the same tokens as Hugging Face `generate(num_beams=1)` on the same weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from lavis_free.exits.adapters.base import DecoderAdapter
+from lavis_free.exits.attention import decode_mask
+from lavis_free.exits.config import (
+    KV_POLICIES,
+    ExitConfigError,
+    validate_exit_threshold,
+    validate_min_exit_layer,
+)
+from lavis_free.exits.confidence import get_confidence
+from lavis_free.exits.early_exits import EarlyExits
+from lavis_free.exits.kv_cache import DecodeCache, Window
+
+
+@dataclass
+class DecodeOptions:
+    max_new_tokens: int
+    eos_token_id: int
+    pad_token_id: int
+    min_length: int = 0  # Hugging Face semantics: counts `prompt_length` + generated tokens
+    prompt_length: int = 0
+    exit_threshold: float = 2.0
+    kv_policy: str = "recompute"
+    confidence: str = "max_prob"
+    min_exit_layer: int = 0
+
+    def validate(self, num_layers: int) -> "DecodeOptions":
+        validate_exit_threshold(self.exit_threshold, "exit_threshold")
+        validate_min_exit_layer(self.min_exit_layer, num_layers, "min_exit_layer")
+        if self.kv_policy not in KV_POLICIES:
+            raise ExitConfigError(
+                f"kv_policy={self.kv_policy!r} is invalid: allowed values are {', '.join(KV_POLICIES)}"
+            )
+        get_confidence(self.confidence)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} is invalid: expected >= 1")
+        return self
+
+    @property
+    def exits_enabled(self) -> bool:
+        return self.exit_threshold <= 1.0
+
+
+@dataclass
+class DecodeResult:
+    tokens: torch.Tensor  # [B, T] generated ids, pad after EOS
+    layers_run: List[List[int]]  # decoder layers run per emitted token
+    exit_blocks_run: List[List[int]]  # exit transformers run per emitted token
+    heads_run: List[List[int]]  # head applications (exit checks + final) per emitted token
+    num_layers: int
+    head_cost: float = 0.0  # one head in decoder-layer units
+    extra: dict = field(default_factory=dict)
+
+
+class EarlyExitDecoder:
+    def __init__(self, adapter: DecoderAdapter, early_exits: Optional[EarlyExits] = None):
+        self.adapter = adapter
+        self.exits = list(early_exits.exits) if early_exits is not None else []
+        self.exit_layers = list(early_exits.config.layers) if early_exits is not None else []
+        num_layers = adapter.num_layers
+        # Slots: 0..L-1 backbone layers, then one per exit that carries a cache.
+        self.exit_slot = {}
+        for k, module in enumerate(self.exits):
+            if module.uses_cache:
+                self.exit_slot[k] = num_layers + len(self.exit_slot)
+        self.exit_after = {layer: k for k, layer in enumerate(self.exit_layers)}
+        self.cache: Optional[DecodeCache] = None
+
+    # -- running one slot -------------------------------------------------------------------
+    def _run_layer(self, layer: int, row_ids: np.ndarray, last: int) -> None:
+        """Backbone layer `layer` over the unfilled columns (up to `last`) of these rows."""
+        cache = self.cache
+        win = cache.window(layer, row_ids, last)
+        if win is None:
+            return
+        hidden = self.adapter.forward_layer(
+            self.adapter.layers[layer],
+            cache.read_states(win),
+            cache.positions[win.rows, win.first : last + 1],
+            self._mask(win),
+            cache.kv_store(layer, win),
+        )
+        cache.write_states(win, hidden)
+        cache.commit(layer, win)
+
+    def _run_exit(self, k: int, row_ids: np.ndarray, last: int) -> Optional[torch.Tensor]:
+        """Exit k's features for column `last` of these rows (filling its own cache on the way)."""
+        cache, module = self.cache, self.exits[k]
+        if not module.uses_cache:
+            rows = torch.as_tensor(row_ids, device=cache.states.device)
+            return module.features(self.adapter, cache.states[rows, last], None, None)
+        slot = self.exit_slot[k]
+        win = cache.window(slot, row_ids, last)
+        if win is None:
+            return None
+        features = module.features(
+            self.adapter,
+            cache.read_states(win),
+            cache.positions[win.rows, win.first : last + 1],
+            self._mask(win),
+            cache.kv_store(slot, win),
+        )
+        cache.commit(slot, win)
+        return features[:, -1]
+
+    def _mask(self, win: Window) -> Optional[torch.Tensor]:
+        key_valid = self.cache.key_valid
+        if key_valid is None and win.first == win.last:
+            return None
+        if key_valid is None:
+            key_valid = torch.ones(len(win.row_ids), win.last + 1, dtype=torch.bool, device=self.cache.states.device)
+        else:
+            key_valid = key_valid[win.rows]
+        return decode_mask(key_valid, win.first, win.last)
+
+    def _project(self, slot: int, hidden: torch.Tensor, positions: torch.Tensor):
+        num_layers = self.adapter.num_layers
+        if slot < num_layers:
+            return self.adapter.kv_projection(self.adapter.layers[slot], hidden, positions)
+        k = next(k for k, s in self.exit_slot.items() if s == slot)
+        return self.adapter.kv_projection(self.exits[k].layer, hidden, positions)
+
+    # -- decisions ----------------------------------------------------------------------------
+    def _decide_exits(self, logits: torch.Tensor, opts: DecodeOptions) -> np.ndarray:
+        """THE exit decision: which of these rows are confident enough to emit now."""
+        confidence = get_confidence(opts.confidence)(logits)
+        return (confidence >= opts.exit_threshold).cpu().numpy()
+
+    @staticmethod
+    def _suppress_eos(logits: torch.Tensor, step: int, opts: DecodeOptions) -> torch.Tensor:
+        if opts.prompt_length + step < opts.min_length:
+            logits = logits.clone()
+            logits[:, opts.eos_token_id] = -float("inf")
+        return logits
+
+    # -- public API ---------------------------------------------------------------------------
+    def _layers_with_exits(self, use_exits: bool):
+        """Slots in depth order: each backbone layer, then the exit that reads its output."""
+        for layer in range(self.adapter.num_layers):
+            yield layer, (self.exit_after.get(layer) if use_exits else None)
+
+    @torch.no_grad()
+    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, use_exits: bool) -> torch.Tensor:
+        """Runs the prefix at full depth (exit caches too when exits are used); returns the
+        last column's final features."""
+        adapter = self.adapter
+        batch, prefix = attention_mask.shape
+        self.cache = cache = DecodeCache(
+            adapter.num_layers + len(self.exit_slot),
+            batch,
+            prefix + max_new_tokens,
+            adapter.num_heads,
+            adapter.head_dim,
+            adapter.hidden_size,
+            inputs_embeds.dtype,
+            inputs_embeds.device,
+        )
+        cache.set_padding(attention_mask)
+        positions = adapter.positions_from_mask(attention_mask)
+        cache.positions[:, :prefix] = positions
+        cache.states[:, :prefix] = adapter.embed(inputs_embeds, positions)
+        all_rows = np.arange(batch)
+        for layer, k in self._layers_with_exits(use_exits):
+            self._run_layer(layer, all_rows, prefix - 1)
+            if k is not None and self.exits[k].uses_cache:
+                self._run_exit(k, all_rows, prefix - 1)
+        return adapter.final_norm(cache.states[:, prefix - 1])
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, opts: DecodeOptions) -> DecodeResult:
+        """Greedy decoding with early exits. `inputs_embeds` are token-level embeddings of the
+        prefix (before position information), left-padded as `attention_mask` says."""
+        adapter = self.adapter
+        num_layers = adapter.num_layers
+        opts.validate(num_layers)
+        use_exits = opts.exits_enabled and bool(self.exits)
+        batch, prefix = attention_mask.shape
+        features = self.prefill(inputs_embeds, attention_mask, opts.max_new_tokens, use_exits)
+        cache = self.cache
+
+        tokens = torch.full((batch, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=inputs_embeds.device)
+        layers_run = [[] for _ in range(batch)]
+        exit_blocks_run = [[] for _ in range(batch)]
+        heads_run = [[] for _ in range(batch)]
+        first = self._suppress_eos(adapter.head(features), 0, opts).argmax(-1)
+        tokens[:, 0] = first
+        finished = (first == opts.eos_token_id).cpu().numpy()
+        for row in range(batch):
+            layers_run[row].append(num_layers)
+            exit_blocks_run[row].append(0)
+            heads_run[row].append(1)
+
+        exit_layers_allowed = {
+            layer: k for layer, k in self.exit_after.items() if layer + 1 >= opts.min_exit_layer
+        } if use_exits else {}
+        for step in range(1, opts.max_new_tokens):
+            active = np.flatnonzero(~finished)
+            if len(active) == 0:
+                break
+            col = prefix + step - 1
+            rows_t = torch.as_tensor(active, device=tokens.device)
+            cache.positions[rows_t, col] = cache.positions[rows_t, col - 1] + 1
+            embeds = adapter.embed_tokens(tokens[rows_t, step - 1 : step])
+            cache.states[rows_t, col : col + 1] = adapter.embed(embeds, cache.positions[rows_t, col : col + 1])
+
+            going = active
+            blocks = np.zeros(batch, dtype=np.int64)
+            for layer, k in self._layers_with_exits(use_exits):
+                self._run_layer(layer, going, col)
+                if layer not in exit_layers_allowed:
+                    continue
+                features = self._run_exit(k, going, col)
+                blocks[going] += 1
+                logits = self._suppress_eos(self.exits[k].logits(adapter, features), step, opts)
+                leave = self._decide_exits(logits, opts)
+                if not leave.any():
+                    continue
+                leaving = going[leave]
+                tokens[torch.as_tensor(leaving, device=tokens.device), step] = logits[torch.as_tensor(leave)].argmax(-1)
+                for row in leaving:
+                    layers_run[row].append(layer + 1)
+                if opts.kv_policy == "propagate":
+                    cache.propagate(leaving, col, self._skipped_slots(layer), self._project)
+                going = going[~leave]
+                if len(going) == 0:
+                    break
+            if len(going):
+                rows_t = torch.as_tensor(going, device=tokens.device)
+                logits = self._suppress_eos(adapter.logits(cache.states[rows_t, col]), step, opts)
+                tokens[rows_t, step] = logits.argmax(-1)
+                for row in going:
+                    layers_run[row].append(num_layers)
+            reached_head = set(going.tolist())
+            for row in active:
+                exit_blocks_run[row].append(int(blocks[row]))
+                heads_run[row].append(int(blocks[row]) + (row in reached_head))
+            finished |= (tokens[:, step] == opts.eos_token_id).cpu().numpy()
+
+        return DecodeResult(
+            tokens=tokens,
+            layers_run=layers_run,
+            exit_blocks_run=exit_blocks_run,
+            heads_run=heads_run,
+            num_layers=num_layers,
+            head_cost=adapter.head_cost_in_layers(),
+        )
+
+    def _skipped_slots(self, exit_layer: int) -> List[int]:
+        deeper_layers = list(range(exit_layer + 1, self.adapter.num_layers))
+        deeper_exits = [slot for k, slot in self.exit_slot.items() if self.exit_layers[k] > exit_layer]
+        return deeper_layers + deeper_exits
+
+    @torch.no_grad()
+    def flush(self, last_col: int) -> None:
+        """Fills every pending column up to `last_col` in every slot (recompute). generate does
+        not need it; call it to continue decoding from the cache or to inspect it."""
+        rows = np.arange(self.cache.batch)
+        for layer, k in self._layers_with_exits(True):
+            self._run_layer(layer, rows, last_col)
+            if k is not None and self.exits[k].uses_cache:
+                self._run_exit(k, rows, last_col)

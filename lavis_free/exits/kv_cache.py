@@ -1,0 +1,128 @@
+"""The decode cache, and THE place where keys/values of skipped layers are filled.
+
+One generate call owns one `DecodeCache`: preallocated keys/values for every backbone layer and
+every exit transformer ("slots"), the latest hidden state of every column still in flight, and
+per row and slot how many leading columns hold their keys/values (`filled`).
+
+A token that exits after layer e leaves the deeper slots unfilled at its column. Two policies
+fill them (chosen per call):
+
+- `recompute` (exact): nothing happens at exit time. The next token of that row that reaches a
+  slot runs it over the whole window of unfilled columns [filled, current] (`window`), so every
+  deep entry equals what a full-depth pass over the same prefix holds. Columns still pending
+  when decoding stops are filled only if someone calls `EarlyExitDecoder.flush` (generate does
+  not: no later token will read them).
+- `propagate` (approximate, CALM-style): at exit time the exited hidden state (the output of
+  layer e, which is exactly layer e+1's input) is projected into the keys/values of every
+  skipped slot (`propagate`). Exact for layer e+1, approximate deeper; no pending columns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from lavis_free.exits.adapters.base import KVStore
+
+Rows = Union[slice, torch.Tensor]
+
+
+@dataclass
+class Window:
+    """Columns [first, last] of `rows` that a slot must run; `valid` is None when every row
+    needs every column, else [rows, columns] bool (False = already filled for that row)."""
+
+    rows: Rows
+    row_ids: np.ndarray
+    first: int
+    last: int
+    valid: Optional[torch.Tensor]
+
+
+class DecodeCache:
+    def __init__(
+        self,
+        num_slots: int,
+        batch: int,
+        max_cols: int,
+        num_heads: int,
+        head_dim: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        shape = (num_slots, batch, num_heads, max_cols, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.states = torch.zeros(batch, max_cols, hidden_size, dtype=dtype, device=device)
+        self.positions = torch.zeros(batch, max_cols, dtype=torch.long, device=device)
+        self.key_valid: Optional[torch.Tensor] = None
+        self.filled = np.zeros((batch, num_slots), dtype=np.int64)
+        self.batch = batch
+
+    def set_padding(self, prefix_mask: torch.Tensor) -> None:
+        """Padding columns of the prefix are never attended to (None = no padding anywhere)."""
+        if bool(prefix_mask.all()):
+            return
+        self.key_valid = torch.ones(self.states.shape[:2], dtype=torch.bool, device=self.states.device)
+        self.key_valid[:, : prefix_mask.shape[1]] = prefix_mask.bool()
+
+    def window(self, slot: int, row_ids: np.ndarray, last: int) -> Optional[Window]:
+        """The unfilled columns up to `last` of `slot` for these rows; None if all are filled."""
+        filled = self.filled[row_ids, slot]
+        first = int(filled.min())
+        if first > last:
+            return None
+        rows: Rows = slice(None) if len(row_ids) == self.batch else torch.as_tensor(row_ids, device=self.keys.device)
+        valid = None
+        if (filled != first).any():
+            cols = np.arange(first, last + 1)
+            valid = torch.as_tensor(cols[None, :] >= filled[:, None], device=self.keys.device)
+        return Window(rows, row_ids, first, last, valid)
+
+    def kv_store(self, slot: int, win: Window) -> KVStore:
+        """Writes the window's new keys/values (only where needed) and returns the slot's cache
+        up to the window's last column, for the layer to attend over."""
+
+        def store(keys: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            span = slice(win.first, win.last + 1)
+            for cache, new in ((self.keys, keys), (self.values, values)):
+                if win.valid is not None:
+                    new = torch.where(win.valid[:, None, :, None], new, cache[slot, win.rows, :, span])
+                cache[slot, win.rows, :, span] = new
+            upto = slice(0, win.last + 1)
+            return self.keys[slot, win.rows, :, upto], self.values[slot, win.rows, :, upto]
+
+        return store
+
+    def commit(self, slot: int, win: Window) -> None:
+        self.filled[win.row_ids, slot] = win.last + 1
+
+    def read_states(self, win: Window) -> torch.Tensor:
+        return self.states[win.rows, win.first : win.last + 1]
+
+    def write_states(self, win: Window, hidden: torch.Tensor) -> None:
+        span = slice(win.first, win.last + 1)
+        if win.valid is not None:
+            hidden = torch.where(win.valid[..., None], hidden, self.states[win.rows, span])
+        self.states[win.rows, span] = hidden
+
+    def propagate(
+        self,
+        row_ids: np.ndarray,
+        col: int,
+        skipped_slots: Sequence[int],
+        project: Callable[[int, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """`propagate` policy: fill the skipped slots at column `col` of exited rows from the
+        exited hidden state; `project(slot, hidden, positions)` gives that slot's keys/values."""
+        rows = torch.as_tensor(row_ids, device=self.keys.device)
+        hidden = self.states[rows, col : col + 1]
+        positions = self.positions[rows, col : col + 1]
+        for slot in skipped_slots:
+            keys, values = project(slot, hidden, positions)
+            self.keys[slot, rows, :, col : col + 1] = keys
+            self.values[slot, rows, :, col : col + 1] = values
+            self.filled[row_ids, slot] = col + 1
