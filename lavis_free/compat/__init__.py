@@ -1,0 +1,21 @@
+"""Compatibility fixes applied by ``import lavis_free`` before anything else.
+
+1. :mod:`.torchvision_ops`: when torchvision's compiled ops do not load (a CPU torch with the
+   CUDA-only torchvision 0.28.0 wheel), define the op schemas torchvision's import needs.
+2. :mod:`.lavis_env`: point LAVIS's cache root at ``$LAVIS_FREE_CACHE`` or
+   ``~/.cache/lavis_free`` and register LAVIS's LR schedulers and runners.
+
+Why no ``.pth`` start-up hook for a bare ``import lavis``: every entry point of this project
+(``train.py``, ``evaluate.py``, the run_scripts, the tests, ``lavis_free.*`` modules) imports
+``lavis_free`` first, and a ``.pth`` file would run torch's import in every Python process of the
+environment, including pip. Users of their own scripts write ``import lavis_free`` before
+``import lavis`` (the README says so); a bare ``import lavis`` on a CPU torch still fails inside
+torchvision, as without this plugin.
+"""
+from lavis_free.compat import torchvision_ops
+
+torchvision_ops.install_if_needed()
+
+from lavis_free.compat import lavis_env  # noqa: E402  (imports lavis, hence after the fix)
+
+lavis_env.configure()

@@ -1,0 +1,89 @@
+"""What ``train.py`` and ``evaluate.py`` share: arguments, config, process set-up, runner.
+
+Mirrors LAVIS's own (unshipped) scripts: config from ``--cfg-path`` with ``--options key=value``
+overrides, distributed init, per-rank seeds, logging, then task, datasets, model and runner.
+Differences: ``import lavis_free`` comes first (compat fixes, registrations), distributed init
+is CPU-safe, registered names are checked up front with errors that list the valid ones, and
+the job id is chosen by rank 0 and shared, so every rank writes into the same output dir.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import random
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+import lavis_free  # noqa: F401  (compat fixes and registrations before lavis is used)
+import lavis.tasks as tasks
+from lavis.common.config import Config
+from lavis.common.dist_utils import get_rank
+from lavis.common.logger import setup_logger
+from lavis.common.registry import registry
+
+from lavis_free.common.dist import broadcast_object, init_distributed_mode
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(description: str, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """``--cfg-path`` (required), ``--options k=v ...``, optional ``--job-id``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg-path", required=True, help="path to a LAVIS project YAML")
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=[],
+        help="override settings of the YAML, as key=value (for example run.max_epoch=1)",
+    )
+    parser.add_argument("--job-id", default=None, help="output sub-directory name (default: a timestamp)")
+    return parser.parse_args(argv)
+
+
+def _check_name(kind: str, key: str, name: Any, known: list[str]) -> None:
+    if name not in known:
+        raise ValueError(f"{key}: {name!r} is not a registered {kind}; registered: {known}")
+
+
+def check_registered_names(cfg_path: str, options: Sequence[str]) -> None:
+    """Fail early, naming the key, when the YAML names a model/dataset/task/runner LAVIS lacks."""
+    raw = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(list(options)))
+    for section in ("model", "datasets", "run"):
+        if raw.get(section, None) is None:
+            raise ValueError(f"{cfg_path}: missing top-level section {section!r}")
+    _check_name("model", "model.arch", raw.model.get("arch", None), registry.list_models())
+    for name in raw.datasets:
+        _check_name("dataset builder", f"datasets.{name}", name, registry.list_datasets())
+    _check_name("task", "run.task", raw.run.get("task", None), registry.list_tasks())
+    _check_name("runner", "run.runner", raw.run.get("runner", "runner_base"), registry.list_runners())
+
+
+def setup_seeds(seed: int) -> None:
+    """Seed python, numpy and torch with ``seed + rank`` (as LAVIS does)."""
+    seed = seed + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_runner(args: argparse.Namespace) -> Any:
+    """Config, distributed init, seeds, logger, task, datasets, model -> the configured runner."""
+    check_registered_names(args.cfg_path, args.options)
+    cfg = Config(args)
+    init_distributed_mode(cfg.run_cfg)
+    setup_seeds(int(cfg.run_cfg.get("seed", 42)))
+    setup_logger()
+    cfg.pretty_print()
+    job_id = broadcast_object(args.job_id or datetime.datetime.now().strftime("%Y%m%d%H%M%S"))
+
+    task = tasks.setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", "runner_base"))
+    runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+    logger.info("Output directory: %s", runner.output_dir)
+    return runner

@@ -1,0 +1,25 @@
+"""Shared fixtures.
+
+The offline switches are set before anything imports transformers (it reads them at import);
+then ``import lavis_free``, which must precede any lavis import (compat fixes, registrations).
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+import lavis_free  # noqa: E402,F401
+
+SHAPES_SIZES = {"train": 16, "val": 8, "test": 8}
+
+
+@pytest.fixture(scope="session")
+def shapes_data_dir(tmp_path_factory):
+    """A small shapes dataset (seed 0; 16 train, 8 val, 8 test images), generated once per session."""
+    from lavis_free.datasets.shapes import generate_dataset
+
+    out = tmp_path_factory.mktemp("shapes_data")
+    generate_dataset(str(out), seed=0, sizes=SHAPES_SIZES, progress=False)
+    return str(out)
