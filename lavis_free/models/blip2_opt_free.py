@@ -14,7 +14,7 @@ training, `generate`, `predict_answers` and the early-exit decoder share one cod
 import logging
 import os
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizer
 
 from lavis_free.models import tiny
+from lavis_free.models.early_exit_model import EXIT_GENERATE_KWARGS, EarlyExitMixin
 from lavis_free.models.opt_lm import CachedOPTForCausalLM
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def _freeze(module: nn.Module) -> None:
 
 
 @registry.register_model("blip2_opt_free")
-class Blip2OPTFree(Blip2OPT):
+class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
     """BLIP-2 OPT whose components come from LAVIS's hub path or from tiny offline configs.
 
     Model types:
@@ -102,6 +103,7 @@ class Blip2OPTFree(Blip2OPT):
         opt_config: Optional[Mapping[str, Any]] = None,
         cross_attention_freq: int = 2,
         freeze_lm: bool = True,
+        exits: Optional[Mapping[str, Any]] = None,
     ):
         Blip2Base.__init__(self)
 
@@ -138,6 +140,10 @@ class Blip2OPTFree(Blip2OPT):
         self.prompt = prompt
         prompt_tokens = self.opt_tokenizer(self.prompt, return_tensors="pt")
         self.prompt_length = prompt_tokens.attention_mask.sum(1)
+        self.setup_exits(exits)
+
+    def exit_lm(self) -> nn.Module:
+        return self.opt_model
 
     # ---- component hooks (LAVIS's classmethods, extended with the tiny configurations) ----
 
@@ -261,9 +267,12 @@ class Blip2OPTFree(Blip2OPT):
 
     # ---- training ----
 
-    def forward(self, samples: Mapping[str, Any]) -> dict:
-        """Captioning loss on `samples["text_input"]` (LAVIS semantics: the text already holds
-        the prompt, if any; its first `prompt_length` tokens are not scored)."""
+    def lm_training_inputs(
+        self, samples: Mapping[str, Any]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forcing inputs for `samples["text_input"]`: (inputs_embeds, attention_mask,
+        labels). LAVIS semantics: the text already holds the prompt, if any; its first
+        `prompt_length` tokens, the image queries and the padding are labelled -100."""
         image = samples["image"]
         inputs_opt, atts_opt = self.encode_image_queries(image)
         tokens = self.tokenize([t + "\n" for t in samples["text_input"]], image.device, "right")
@@ -272,12 +281,17 @@ class Blip2OPTFree(Blip2OPT):
             targets[:, : int(self.prompt_length)] = -100
         query_targets = torch.full_like(atts_opt, -100)
         inputs_embeds, attention_mask = self.build_lm_inputs(inputs_opt, atts_opt, tokens)
+        return inputs_embeds, attention_mask, torch.cat([query_targets, targets], dim=1)
+
+    def forward(self, samples: Mapping[str, Any]) -> dict:
+        """Captioning loss of the LM (stage 1)."""
+        inputs_embeds, attention_mask, labels = self.lm_training_inputs(samples)
         with self.maybe_autocast():
             outputs = self.opt_model(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 return_dict=True,
-                labels=torch.cat([query_targets, targets], dim=1),
+                labels=labels,
             )
         return {"loss": outputs.loss}
 
@@ -296,9 +310,25 @@ class Blip2OPTFree(Blip2OPT):
         length_penalty: float = 1.0,
         num_captions: int = 1,
         temperature: float = 1,
-    ) -> List[str]:
-        """Captions for `samples["image"]` (LAVIS's signature). `samples["prompt"]` may be one
-        string for the batch or one per image; default: the model's prompt."""
+        exit_threshold: Optional[float] = None,
+        kv_policy: Optional[str] = None,
+        confidence: Optional[str] = None,
+        min_exit_layer: Optional[int] = None,
+        return_exit_stats: bool = False,
+        early_exit: bool = True,
+    ) -> Union[List[str], Tuple[List[str], dict]]:
+        """Captions for `samples["image"]` (LAVIS's signature plus early-exit keywords).
+
+        `samples["prompt"]` may be one string for the batch or one per image; default: the
+        model's prompt. Greedy decoding (num_beams=1, no sampling) runs the early-exit engine;
+        beam search and sampling run LAVIS's full-depth path. Early-exit keywords (None = the
+        model config's `exits.inference` default): `exit_threshold` (confidence in [0, 1];
+        above 1 disables exits), `kv_policy` ("recompute" | "propagate"), `confidence`
+        ("max_prob" | "margin" | "entropy"), `min_exit_layer` (decoder layers a token runs
+        before it may exit), `early_exit=False` (LAVIS's own full-depth decoding).
+        With `return_exit_stats=True` returns `(captions, stats)`; `stats["exit_layers"][i][t]`
+        is the number of LM decoder layers run for token t of sample i (up to its EOS) and
+        `stats["num_layers"]` the LM's depth."""
         image = samples["image"]
         prompt = samples.get("prompt", self.prompt)
         prompts = [prompt] * image.size(0) if isinstance(prompt, str) else list(prompt)
@@ -318,6 +348,12 @@ class Blip2OPTFree(Blip2OPT):
             length_penalty=length_penalty,
             num_captions=num_captions,
             temperature=temperature,
+            exit_threshold=exit_threshold,
+            kv_policy=kv_policy,
+            confidence=confidence,
+            min_exit_layer=min_exit_layer,
+            return_exit_stats=return_exit_stats,
+            early_exit=early_exit,
         )
 
     @torch.no_grad()
@@ -334,10 +370,34 @@ class Blip2OPTFree(Blip2OPT):
         length_penalty: float = 1.0,
         num_captions: int = 1,
         temperature: float = 1,
-    ) -> List[str]:
-        """Full-depth HF decoding of one continuation per prompt (prompts left-padded)."""
+        exit_threshold: Optional[float] = None,
+        kv_policy: Optional[str] = None,
+        confidence: Optional[str] = None,
+        min_exit_layer: Optional[int] = None,
+        return_exit_stats: bool = False,
+        early_exit: bool = True,
+    ) -> Union[List[str], Tuple[List[str], dict]]:
+        """One continuation per prompt (prompts left-padded): the early-exit engine for greedy
+        decoding, LAVIS's full-depth HF generation otherwise. See `generate` for the keywords."""
         inputs_opt, atts_opt = self.encode_image_queries(image)
         tokens = self.tokenize(prompts, image.device, "left")
+        prompt_length = tokens.input_ids.shape[1]
+        options = self.decode_options(
+            max_length,
+            min_length,
+            prompt_length,
+            exit_threshold=exit_threshold,
+            kv_policy=kv_policy,
+            confidence=confidence,
+            min_exit_layer=min_exit_layer,
+        )
+        greedy = not use_nucleus_sampling and num_beams == 1 and num_captions == 1
+        if early_exit and greedy and repetition_penalty == 1.0:
+            inputs_embeds, attention_mask = self.build_lm_inputs(inputs_opt, atts_opt, tokens)
+            result = self.early_exit_decode(inputs_embeds, attention_mask, options)
+            texts = self.opt_tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
+            texts = [text.strip() for text in texts]
+            return (texts, self.exit_stats(result)) if return_exit_stats else texts
         if use_nucleus_sampling:
             num_beams = 1
         copies = num_captions if use_nucleus_sampling else num_beams
@@ -358,10 +418,9 @@ class Blip2OPTFree(Blip2OPT):
                 length_penalty=length_penalty,
                 num_return_sequences=num_captions,
             )
-        texts = self.opt_tokenizer.batch_decode(
-            outputs[:, tokens.input_ids.shape[1] :], skip_special_tokens=True
-        )
-        return [text.strip() for text in texts]
+        generated = outputs[:, prompt_length:]
+        texts = [t.strip() for t in self.opt_tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        return (texts, self.full_depth_stats(generated.tolist())) if return_exit_stats else texts
 
     @torch.no_grad()
     def predict_answers(
@@ -378,7 +437,8 @@ class Blip2OPTFree(Blip2OPT):
         """Open-ended answers for VQA and dialogue (`samples["text_input"]` = the question, or
         history + question). `prompt` wraps each text at its "{}"; "" uses the text as is.
         LAVIS's ranking arguments (`answer_list`, `num_ans_candidates`) are accepted and unused:
-        only `inference_method="generate"` exists here."""
+        only `inference_method="generate"` exists here. The early-exit keywords of `generate`
+        pass through `kwargs`."""
         if inference_method != "generate":
             raise ValueError(
                 f"inference_method={inference_method!r} is not supported by blip2_opt_free; "
@@ -389,6 +449,7 @@ class Blip2OPTFree(Blip2OPT):
         texts = samples["text_input"]
         texts = [texts] if isinstance(texts, str) else list(texts)
         prompts = [prompt.format(text) for text in texts] if prompt else texts
+        exit_kwargs = {k: kwargs[k] for k in EXIT_GENERATE_KWARGS if k in kwargs}
         return self.generate_from_prompts(
             samples["image"],
             prompts,
@@ -396,6 +457,7 @@ class Blip2OPTFree(Blip2OPT):
             max_length=max_len,
             min_length=min_len,
             length_penalty=length_penalty,
+            **exit_kwargs,
         )
 
     # ---- configuration ----
@@ -434,6 +496,7 @@ class Blip2OPTFree(Blip2OPT):
             opt_config=_plain(cfg.get("opt_config")),
             cross_attention_freq=cfg.get("cross_attention_freq", 2),
             freeze_lm=cfg.get("freeze_lm", True),
+            exits=_plain(cfg.get("exits")),
         )
         model.load_checkpoint_from_config(cfg)
         return model

@@ -10,13 +10,14 @@ _ADAPTERS = {"OPTForCausalLM": OPTAdapter}
 
 
 def adapter_for(lm: nn.Module) -> DecoderAdapter:
-    """The adapter for a causal LM; errors list the supported classes."""
-    name = type(lm).__name__
-    if name not in _ADAPTERS:
-        raise NotImplementedError(
-            f"no early-exit adapter for {name}; supported LMs: {', '.join(sorted(_ADAPTERS))}"
-        )
-    return _ADAPTERS[name](lm)
+    """The adapter for a causal LM (matched by class name along its MRO, so LAVIS's and HF's
+    copies and their subclasses all match); errors list the supported classes."""
+    for cls in type(lm).__mro__:
+        if cls.__name__ in _ADAPTERS:
+            return _ADAPTERS[cls.__name__](lm)
+    raise NotImplementedError(
+        f"no early-exit adapter for {type(lm).__name__}; supported LMs: {', '.join(sorted(_ADAPTERS))}"
+    )
 
 
 __all__ = ["DecoderAdapter", "OPTAdapter", "adapter_for"]
