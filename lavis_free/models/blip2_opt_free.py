@@ -508,9 +508,18 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         path = cfg.get(key)
         if not path:
             logging.info("model.%s is empty: weights stay as initialised", key)
+            self.load_exits_from_config(cfg)
             return
         path = resolve_checkpoint(path, key)
         if key == "finetuned":
             self.load_checkpoint(url_or_filename=path)
         else:
             self.load_from_pretrained(url_or_filename=path, **kwargs)
+        self.load_exits_from_config(cfg)
+
+    def load_exits_from_config(self, cfg: Mapping[str, Any]) -> None:
+        """`model.exits_checkpoint`: trained exits loaded onto the backbone just loaded (checked
+        against `model.exits` by `check_exit_state`)."""
+        path = cfg.get("exits_checkpoint")
+        if path:
+            self.load_checkpoint(url_or_filename=resolve_checkpoint(path, "exits_checkpoint"))
