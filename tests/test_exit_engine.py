@@ -47,7 +47,7 @@ class RandomDecisions(EarlyExitDecoder):
         super().__init__(*args, **kwargs)
         self.rng = np.random.default_rng(seed)
 
-    def _decide_exits(self, logits, opts):
+    def _decide_exits(self, logits, opts, exit_index, rows, step):
         return self.rng.random(logits.shape[0]) < 0.5
 
 

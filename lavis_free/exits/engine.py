@@ -144,8 +144,11 @@ class EarlyExitDecoder:
         return self.adapter.kv_projection(self.exits[k].layer, hidden, positions)
 
     # -- decisions ----------------------------------------------------------------------------
-    def _decide_exits(self, logits: torch.Tensor, opts: DecodeOptions) -> np.ndarray:
-        """THE exit decision: which of these rows are confident enough to emit now."""
+    def _decide_exits(
+        self, logits: torch.Tensor, opts: DecodeOptions, exit_index: int, rows: np.ndarray, step: int
+    ) -> np.ndarray:
+        """THE exit decision: which `rows` (still going, at exit `exit_index`, generating token
+        `step`) are confident enough to emit now. Subclasses may replace the rule."""
         confidence = get_confidence(opts.confidence)(logits)
         return (confidence >= opts.exit_threshold).cpu().numpy()
 
@@ -235,7 +238,7 @@ class EarlyExitDecoder:
                 features = self._run_exit(k, going, col)
                 blocks[going] += 1
                 logits = self._suppress_eos(self.exits[k].logits(adapter, features), step, opts)
-                leave = self._decide_exits(logits, opts)
+                leave = self._decide_exits(logits, opts, k, going, step)
                 if not leave.any():
                     continue
                 leaving = going[leave]

@@ -1,0 +1,148 @@
+"""How much of the ideal layer-count speedup the engine turns into wall-clock speedup.
+
+A random-weight OPT of real dimensions (default: OPT-350m's; `--dims opt-2.7b` on a GPU)
+decodes the same prefix twice: at full depth, and with exits replayed from a fixed, seeded
+schedule (so the work is known exactly, whatever random weights would decide). The ideal
+speedup counts decoder layers, exit transformers and head applications (in layer units, by
+parameter count); efficiency = measured speedup / ideal speedup. Target: >= 0.85.
+
+    python bench/systems_efficiency.py --out bench/results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+
+from lavis_free.exits.adapters import adapter_for
+from lavis_free.exits.config import ExitConfig
+from lavis_free.exits.early_exits import EarlyExits
+from lavis_free.exits.engine import DecodeOptions, DecodeResult, EarlyExitDecoder
+
+DIMS = {
+    "opt-125m": dict(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12),
+    "opt-350m": dict(
+        hidden_size=1024, ffn_dim=4096, num_hidden_layers=24, num_attention_heads=16,
+        word_embed_proj_dim=512, do_layer_norm_before=False,
+    ),
+    "opt-2.7b": dict(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32),
+}
+
+
+class ReplayedExits(EarlyExitDecoder):
+    """Leaves at the exit a schedule names for each (row, token), ignoring confidence."""
+
+    def __init__(self, adapter, early_exits, schedule: np.ndarray):
+        super().__init__(adapter, early_exits)
+        self.schedule = schedule  # [batch, tokens]: exit index to leave at, -1 = full depth
+
+    def _decide_exits(self, logits, opts, exit_index, rows, step):
+        return self.schedule[rows, step] == exit_index
+
+
+def layer_speedup(result: DecodeResult) -> float:
+    """Full-depth cost over the cost actually paid, in decoder-layer units (heads included)."""
+    full = sum(len(row) for row in result.layers_run) * (result.num_layers + result.head_cost)
+    paid = sum(
+        layers + blocks + result.head_cost * heads
+        for rows in zip(result.layers_run, result.exit_blocks_run, result.heads_run)
+        for layers, blocks, heads in zip(*rows)
+    )
+    return full / paid
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", choices=sorted(DIMS), default="opt-350m")
+    parser.add_argument("--exit-layers", type=int, nargs="+", default=None, help="default: after 1/4, 1/2, 3/4 of the depth")
+    parser.add_argument("--exit-probs", type=float, nargs="+", default=[0.5, 0.25, 0.15],
+                        help="probability of leaving at each exit; the rest runs at full depth")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prefix", type=int, default=40, help="prefix columns (BLIP-2: 32 queries + prompt)")
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--policies", nargs="+", default=["recompute", "propagate"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16/float16 (GPU default: bfloat16)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+
+    cfg = OPTConfig(vocab_size=50272, max_position_embeddings=2048, **DIMS[args.dims])
+    depth = cfg.num_hidden_layers
+    exit_layers = args.exit_layers or [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1]
+    if len(args.exit_probs) != len(exit_layers) or sum(args.exit_probs) > 1:
+        sys.exit("--exit-probs needs one probability per exit layer, summing to at most 1")
+    torch.manual_seed(0)
+    lm = OPTForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    adapter = adapter_for(lm)
+    exits = EarlyExits(adapter, ExitConfig.from_dict({"layers": exit_layers}, depth)).to(device, dtype).eval()
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in args.batch_sizes:
+        choices = rng.choice(
+            len(exit_layers) + 1, size=(batch, args.new_tokens), p=args.exit_probs + [1 - sum(args.exit_probs)]
+        )
+        schedule = np.where(choices == len(exit_layers), -1, choices)
+        prefix = torch.randn(batch, args.prefix, cfg.word_embed_proj_dim, device=device, dtype=dtype)
+        mask = torch.ones(batch, args.prefix, dtype=torch.long, device=device)
+
+        def timed(decoder: EarlyExitDecoder, opts: DecodeOptions):
+            decoder.generate(prefix, mask, opts)  # warm-up
+            times = []
+            for _ in range(args.repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                result = decoder.generate(prefix, mask, opts)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times), result
+
+        base = dict(max_new_tokens=args.new_tokens, eos_token_id=-1, pad_token_id=1)
+        full_s, _ = timed(EarlyExitDecoder(adapter, exits), DecodeOptions(**base, exit_threshold=2.0))
+        for policy in args.policies:
+            seconds, result = timed(
+                ReplayedExits(adapter, exits, schedule),
+                DecodeOptions(**base, exit_threshold=0.0, kv_policy=policy),
+            )
+            ideal = layer_speedup(result)
+            measured = full_s / seconds
+            rows.append({
+                "batch": batch, "policy": policy, "full_ms_per_token": 1000 * full_s / args.new_tokens,
+                "exit_ms_per_token": 1000 * seconds / args.new_tokens, "ideal_speedup": ideal,
+                "measured_speedup": measured, "efficiency": measured / ideal,
+            })
+            print(json.dumps(rows[-1]))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "dims": args.dims, "exit_layers": exit_layers, "exit_probs": args.exit_probs, "prefix": args.prefix,
+        "new_tokens": args.new_tokens, "device": str(device), "dtype": str(dtype),
+        "torch_threads": torch.get_num_threads(), "head_cost_layers": adapter.head_cost_in_layers(),
+        "command": " ".join(sys.argv),
+    }
+    name = f"systems_efficiency_{args.dims}_{device.type}"
+    (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = ["| batch | policy | full ms/token | exit ms/token | ideal speedup | measured speedup | efficiency |", "|" + "---|" * 7]
+    lines += [
+        f"| {r['batch']} | {r['policy']} | {r['full_ms_per_token']:.2f} | {r['exit_ms_per_token']:.2f} | "
+        f"{r['ideal_speedup']:.2f}x | {r['measured_speedup']:.2f}x | {r['efficiency']:.2f} |"
+        for r in rows
+    ]
+    (args.out / f"{name}.md").write_text(json.dumps(meta) + "\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
