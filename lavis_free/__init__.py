@@ -5,6 +5,8 @@ with LAVIS's registry. The compat fixes run first because LAVIS imports torchvis
 """
 from lavis_free import compat  # noqa: F401  (must precede any lavis import)
 from lavis_free import models  # noqa: F401,E402
+from lavis_free.datasets import builders  # noqa: F401,E402
+from lavis_free import tasks  # noqa: F401,E402
 from lavis_free import runners  # noqa: F401,E402
 from lavis_free.api import load_model  # noqa: F401,E402
 

@@ -170,7 +170,6 @@ def _multi_captions(scene: Scene) -> List[Callable[[random.Random], str]]:
         lambda r: f"a photo of {listed(r, False)}",
         lambda r: placed(r),
         lambda r: f"there {verb} {listed(r, False)}",
-        lambda r: f"{count} shapes on a plain background",
         lambda r: f"{noun_phrase(largest, r, True)} and {other_words}",
         lambda r: f"{count} shapes including {group_phrase(r.choice(grouped), r, False)}",
         lambda r: f"{listed(r, r.random() < 0.5)} on a plain background",

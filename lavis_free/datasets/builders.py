@@ -1,0 +1,116 @@
+"""LAVIS dataset builders ``shapes_caption``, ``shapes_vqa`` and ``shapes_dialogue``.
+
+They read LAVIS-format annotations from a local data root and never touch the network (LAVIS's
+base builder downloads annotation URLs; here ``_download_data`` does nothing). Paths:
+``build_info.storage`` is the data root (default ``data/shapes``, relative to the current
+directory); annotation ``storage`` and ``images.storage`` are taken relative to it unless
+absolute, so real COCO-format data works by pointing these keys at it. Eval splits may name a
+COCO-format caption ground truth (``annotations.<split>.gt``), which the captioning task scores
+against. ``build_info.shards`` switches the train split to webdataset tar shards.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Union
+
+from lavis.common.registry import registry
+from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
+
+from lavis_free.datasets.annotations import missing_data_message
+from lavis_free.datasets.map_datasets import (
+    ShapesCaptionDataset,
+    ShapesCaptionEvalDataset,
+    ShapesDialogueDataset,
+    ShapesDialogueEvalDataset,
+    ShapesVQADataset,
+    ShapesVQAEvalDataset,
+)
+from lavis_free.datasets.shards import resolve_shards, shard_train_pipeline
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+SPLITS = ("train", "val", "test")
+
+
+def _under(root: str, path: str) -> str:
+    path = os.path.expanduser(path)
+    return os.path.normpath(path if os.path.isabs(path) else os.path.join(root, path))
+
+
+class LocalDatasetBuilder(BaseDatasetBuilder):
+    """A builder over local LAVIS-format annotation files; subclasses set kind, classes and YAML."""
+
+    kind: str = ""
+
+    @classmethod
+    def default_config_path(cls, type: str = "default") -> str:  # noqa: A002  (LAVIS's name)
+        if type not in cls.DATASET_CONFIG_DICT:
+            raise KeyError(f"unknown dataset config type {type!r} for {cls.__name__}; allowed: {sorted(cls.DATASET_CONFIG_DICT)}")
+        return cls.DATASET_CONFIG_DICT[type]
+
+    def _download_data(self) -> None:
+        """Nothing to download: the data is generated or provided locally (see build())."""
+
+    def data_root(self) -> str:
+        return os.path.abspath(os.path.expanduser(str(self.config.build_info.storage)))
+
+    def _annotation_paths(self, storage: Union[str, List[str]], root: str) -> List[str]:
+        paths = [_under(root, p) for p in ([storage] if isinstance(storage, str) else list(storage))]
+        for path in paths:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(missing_data_message(path, root))
+        return paths
+
+    def build(self) -> Dict[str, object]:
+        """Datasets for the splits listed under ``build_info.annotations`` (train/val/test)."""
+        self.build_processors()
+        info = self.config.build_info
+        root = self.data_root()
+        if not os.path.isdir(root):
+            raise FileNotFoundError(missing_data_message(root, root))
+        images = info.get("images")
+        vis_root = _under(root, str(images.storage) if images is not None and images.get("storage") else ".")
+        datasets: Dict[str, object] = {}
+        for split, split_info in info.annotations.items():
+            if split not in SPLITS:
+                continue
+            stage = "train" if split == "train" else "eval"
+            vis_processor, text_processor = self.vis_processors[stage], self.text_processors[stage]
+            if split == "train" and info.get("shards"):
+                shard_files = resolve_shards(str(info.shards), root)
+                datasets[split] = shard_train_pipeline(self.kind, shard_files, vis_processor, text_processor)
+                continue
+            dataset_cls = self.train_dataset_cls if split == "train" else self.eval_dataset_cls
+            dataset = dataset_cls(
+                vis_processor=vis_processor,
+                text_processor=text_processor,
+                vis_root=vis_root,
+                ann_paths=self._annotation_paths(split_info.storage, root),
+            )
+            if split != "train" and split_info.get("gt"):
+                dataset.gt_path = _under(root, str(split_info.gt))
+            datasets[split] = dataset
+        return datasets
+
+
+@registry.register_builder("shapes_caption")
+class ShapesCaptionBuilder(LocalDatasetBuilder):
+    kind = "caption"
+    train_dataset_cls = ShapesCaptionDataset
+    eval_dataset_cls = ShapesCaptionEvalDataset
+    DATASET_CONFIG_DICT = {"default": os.path.join(CONFIG_DIR, "shapes_caption.yaml")}
+
+
+@registry.register_builder("shapes_vqa")
+class ShapesVQABuilder(LocalDatasetBuilder):
+    kind = "vqa"
+    train_dataset_cls = ShapesVQADataset
+    eval_dataset_cls = ShapesVQAEvalDataset
+    DATASET_CONFIG_DICT = {"default": os.path.join(CONFIG_DIR, "shapes_vqa.yaml")}
+
+
+@registry.register_builder("shapes_dialogue")
+class ShapesDialogueBuilder(LocalDatasetBuilder):
+    kind = "dialogue"
+    train_dataset_cls = ShapesDialogueDataset
+    eval_dataset_cls = ShapesDialogueEvalDataset
+    DATASET_CONFIG_DICT = {"default": os.path.join(CONFIG_DIR, "shapes_dialogue.yaml")}
