@@ -23,7 +23,7 @@ from tqdm import tqdm
 from lavis_free.datasets.shapes_language import ImageText, describe, dialogue_context
 from lavis_free.datasets.shapes_scene import IMAGE_SIZE, Scene, render_scene, sample_scene, scene_rng
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES: Dict[str, int] = {"train": 2000, "val": 200, "test": 200}
 ID_BASE: Dict[str, int] = {"train": 0, "val": 800_000, "test": 900_000}
