@@ -32,6 +32,7 @@ setup(
         "Pillow",
         "matplotlib",
         "tqdm",
+        "psutil",
         "PyYAML",
     ],
     extras_require={"dev": ["pytest>=7"]},

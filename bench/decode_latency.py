@@ -1,0 +1,187 @@
+"""Caption latency, throughput, peak memory and quality: LAVIS generate vs the early-exit engine.
+
+Rows (same weights, same images, greedy decoding, timed in one process after a warm-up):
+  lavis_as_shipped  LAVIS 1.0.2 `Blip2OPT.generate(num_beams=1)` with its own OPT class, which
+                    under transformers 4.26 drops the KV cache (every step re-runs the prefix)
+  lavis             the same LAVIS code path with the cache working (our CachedOPTForCausalLM)
+  engine_full       our engine with exits disabled (exit_threshold=2.0)
+  engine_<policy>   our engine at the threshold, each KV policy
+Targets (issue 4): engine_<policy> >= 2x faster than `lavis` at batch 1 with <= 1% relative
+CIDEr drop; engine_full within 5% of `lavis`.
+
+    python bench/decode_latency.py --data data/shapes --out bench/results
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import psutil
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import lavis_free  # noqa: F401  (registers the plugin before LAVIS is used)
+from lavis.models import load_model_and_preprocess
+from lavis.models.blip2_models.blip2_opt import Blip2OPT
+from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
+
+from lavis_free.tasks.caption_metrics import caption_metrics
+
+
+@contextlib.contextmanager
+def lavis_opt_class(model: torch.nn.Module):
+    """Temporarily gives the LM LAVIS 1.0.2's own OPT class (same weights), as shipped."""
+    lm = model.opt_model
+    original = lm.__class__
+    lm.__class__ = OPTForCausalLM
+    try:
+        yield
+    finally:
+        lm.__class__ = original
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every few milliseconds (CPU);
+    on CUDA, torch's own peak allocation counter."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        process = psutil.Process()
+        self.base = process.memory_info().rss
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, process.memory_info().rss - self.base)
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def load_split(data_dir: Path, split: str, limit: int) -> List[dict]:
+    path = data_dir / "annotations" / f"caption_{split}.json"
+    if not path.is_file():
+        sys.exit(f"{path} not found; generate the data: python -m lavis_free.datasets.shapes --out {data_dir} --seed 0")
+    return json.loads(path.read_text())[:limit]
+
+
+def run(decode: Callable[[torch.Tensor], List[str]], images: List[torch.Tensor], batch: int, device, repeats: int):
+    """Median wall time over `repeats` passes over all images, the captions, and peak memory."""
+    decode(torch.stack(images[:batch]).to(device))  # warm-up
+    times, captions = [], []
+    with PeakRSS(device) as memory:
+        for _ in range(repeats):
+            captions = []
+            start = time.perf_counter()
+            for i in range(0, len(images), batch):
+                captions += decode(torch.stack(images[i : i + batch]).to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), captions, memory.peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-type", default="shapes_tiny")
+    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threshold", type=float, default=None, help="default: the model config's calibrated threshold")
+    parser.add_argument("--policies", nargs="+", default=["recompute", "propagate"])
+    parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    model, vis, _ = load_model_and_preprocess("blip2_opt_free", args.model_type, is_eval=True, device=device)
+    threshold = args.threshold if args.threshold is not None else model.exit_config.inference.exit_threshold
+    rows = load_split(args.data, args.split, args.num_samples)
+    images = [vis["eval"](Image.open(args.data / r["image"]).convert("RGB")) for r in rows]
+    gt_path = args.data / "annotations" / f"caption_{args.split}_gt.json"
+    greedy = dict(num_beams=1, max_length=args.max_length)
+
+    def lavis_generate(image):
+        return Blip2OPT.generate(model, {"image": image}, **greedy)
+
+    def lavis_as_shipped(image):
+        with lavis_opt_class(model):
+            return lavis_generate(image)
+
+    configs: Dict[str, Callable] = {
+        "lavis_as_shipped": lavis_as_shipped,
+        "lavis": lavis_generate,
+        "engine_full": lambda image: model.generate({"image": image}, exit_threshold=2.0, **greedy),
+    }
+    for policy in args.policies:
+        configs[f"engine_{policy}"] = lambda image, p=policy: model.generate(
+            {"image": image}, exit_threshold=threshold, kv_policy=p, **greedy
+        )
+
+    results = []
+    for batch in args.batch_sizes:
+        for name, decode in tqdm(configs.items(), desc=f"batch {batch}"):
+            seconds, captions, peak = run(decode, images, batch, device, args.repeats)
+            tokens = sum(len(model.opt_tokenizer(c, add_special_tokens=False).input_ids) + 1 for c in captions)
+            predictions = [{"image_id": r["image_id"], "caption": c} for r, c in zip(rows, captions)]
+            metrics = caption_metrics(predictions, str(gt_path))
+            results.append({
+                "batch": batch, "config": name, "ms_per_caption": 1000 * seconds / len(images),
+                "tokens_per_s": tokens / seconds, "peak_mem_mb": peak / 2**20, "CIDEr": metrics["CIDEr"],
+            })
+    for row in results:
+        ref = next(r for r in results if r["batch"] == row["batch"] and r["config"] == "lavis")
+        row["speedup_vs_lavis"] = ref["ms_per_caption"] / row["ms_per_caption"]
+        row["cider_rel_drop_vs_lavis"] = (ref["CIDEr"] - row["CIDEr"]) / max(ref["CIDEr"], 1e-9)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "model_type": args.model_type, "threshold": threshold, "num_samples": len(images),
+        "max_length": args.max_length, "device": str(device), "torch_threads": torch.get_num_threads(),
+        "cpu": os.cpu_count(), "command": " ".join(sys.argv),
+    }
+    (args.out / "decode_latency.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2))
+    header = "| batch | config | ms/caption | tokens/s | peak mem MB | CIDEr | speedup vs lavis | rel. CIDEr drop |"
+    lines = [header, "|" + "---|" * 8]
+    for r in results:
+        lines.append(
+            f"| {r['batch']} | {r['config']} | {r['ms_per_caption']:.1f} | {r['tokens_per_s']:.0f} | "
+            f"{r['peak_mem_mb']:.1f} | {r['CIDEr']:.3f} | {r['speedup_vs_lavis']:.2f}x | {100 * r['cider_rel_drop_vs_lavis']:.2f}% |"
+        )
+    table = "\n".join(lines)
+    (args.out / "decode_latency.md").write_text(f"{json.dumps(meta)}\n\n{table}\n")
+    print(table)
+    print(f"written: {args.out / 'decode_latency.json'}, {args.out / 'decode_latency.md'}")
+
+
+if __name__ == "__main__":
+    main()
