@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from lavis.common.dist_utils import get_world_size, is_dist_avail_and_initialized
 from lavis.common.logger import MetricLogger, SmoothedValue
+from lavis.common.registry import registry
 from lavis.datasets.data_utils import prepare_sample
 from omegaconf import OmegaConf
 from torch import nn
@@ -261,17 +262,23 @@ def answer_lm_samples(samples: Dict[str, Any], prompt: str) -> Dict[str, Any]:
 def mask_prompt_labels(host: nn.Module, outputs: BackboneOutputs, samples: Mapping[str, Any]) -> BackboneOutputs:
     """Labels of the `exit_prompt` tokens set to -100, so exits are scored on answers only.
 
-    The LM input is [image queries, text tokens (right-padded)]; the prompt is a prefix of the
-    text (the answer follows a space, so no BPE merge crosses the boundary)."""
+    Each row's text starts at its first labelled column (image queries and padding are -100);
+    its prompt is a prefix of the text, counted with the tokenizer's start token (the answer
+    follows a space, so no BPE merge crosses the boundary). The task's prompt replaces the
+    model's, so `model.prompt` must be empty here."""
     if PROMPT_KEY not in samples:
         return outputs
-    device = outputs.labels.device
-    text_width = host.tokenize(samples["text_input"], device, "right").input_ids.shape[1]
-    first_text_col = outputs.labels.shape[1] - text_width
-    prompt_lengths = host.tokenize(samples[PROMPT_KEY], device, "right").attention_mask.sum(dim=1)
-    cols = torch.arange(outputs.labels.shape[1], device=device)
-    is_prompt = (cols[None] >= first_text_col) & (cols[None] < first_text_col + prompt_lengths[:, None])
-    outputs.labels = outputs.labels.masked_fill(is_prompt, -100)
+    if getattr(host, "prompt", ""):
+        raise ValueError(
+            f"model.prompt={host.prompt!r}: answer batches are wrapped in the task's run.prompt; "
+            f"set model.prompt to '' for VQA/dialogue exit training"
+        )
+    labels = outputs.labels
+    cols = torch.arange(labels.shape[1], device=labels.device)
+    first_text_col = torch.where(labels != -100, cols[None], labels.shape[1]).min(dim=1).values
+    prompt_lengths = host.tokenize(samples[PROMPT_KEY], labels.device, "right").attention_mask.sum(dim=1)
+    is_prompt = (cols[None] >= first_text_col[:, None]) & (cols[None] < (first_text_col + prompt_lengths)[:, None])
+    outputs.labels = labels.masked_fill(is_prompt, -100)
     return outputs
 
 
@@ -415,16 +422,13 @@ class ExitTrainingMixin:
     prompt around the question, then the answer (only the answer is scored); captions stay.
     """
 
-    @classmethod
-    def setup_task(cls, cfg: Any = None, **kwargs: Any) -> Any:
-        task = super().setup_task(cfg=cfg, **kwargs)
-        task._exit_trainer = ExitTrainer(ExitTrainingSettings.from_run_config(cfg.run_cfg if cfg is not None else None))
-        return task
-
     @property
     def exit_trainer(self) -> ExitTrainer:
+        """Created on first use from the run config LAVIS registered (`registry.get("configuration")`),
+        so tasks need no set-up code of their own."""
         if getattr(self, "_exit_trainer", None) is None:
-            self._exit_trainer = ExitTrainer(ExitTrainingSettings())
+            config = registry.get("configuration", no_warning=True)
+            self._exit_trainer = ExitTrainer(ExitTrainingSettings.from_run_config(config.run_cfg if config is not None else None))
         return self._exit_trainer
 
     def exit_lm_samples(self, samples: Dict[str, Any]) -> Dict[str, Any]:

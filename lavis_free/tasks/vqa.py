@@ -17,10 +17,11 @@ from lavis.tasks.vqa import VQATask
 
 from lavis_free.tasks.answer_metrics import dialogue_metrics, vqa_metrics
 from lavis_free.tasks.common import collect_eval_files, generation_kwargs, record_metrics
+from lavis_free.tasks.exit_training import ExitTrainingMixin
 
 
 @registry.register_task("free_vqa")
-class FreeVQATask(VQATask):
+class FreeVQATask(ExitTrainingMixin, VQATask):
     result_name = "vqa_result"
     metric_fn: Callable[..., Dict[str, float]] = staticmethod(vqa_metrics)
     default_inference_method = "generate"

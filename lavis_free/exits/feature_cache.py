@@ -1,0 +1,148 @@
+"""An optional on-disk cache of what exit training reads from the frozen backbone.
+
+Why: with the backbone frozen, the hidden states at the exit layers and the final features of a
+training sample never change, so every epoch after the first can read them instead of running
+the vision encoder, the Q-Former and the whole LM again. One file per sample holds only its
+valid (unpadded) positions; batches are re-padded on load, which gives the exit layers exactly
+the inputs of a fresh computation (padding columns are masked as keys, and losses skip them).
+
+When it is worth it: small models and datasets, where the backbone pass is a large part of an
+iteration and the cache fits on a local disk (shapes_tiny: a few MB). When it is not: large
+backbones on large datasets. BLIP-2 OPT-2.7B on COCO captions stores (exits + 1) x 2560 values
+per token; with 4 exits, ~47 tokens per caption (32 queries + prompt + caption) and 566k training
+captions that is 47 x 2560 x 5 x 2 bytes = 1.2 MB per caption in fp16, about 680 GB in all.
+Reading that back is no faster than the frozen forward pass on a GPU.
+
+The cache is valid only while the backbone, the exit layers, the tokenisation and the image
+preprocessing stay the same: a manifest records a fingerprint of the backbone and the settings,
+and a mismatch is an error. Image augmentation (random crops) makes cached features wrong;
+use a deterministic train `vis_processor` (e.g. `blip_image_eval`) with the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from lavis_free.exits.early_exits import BackboneOutputs
+
+MANIFEST = "manifest.json"
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+SAMPLE_ID_KEYS = ("image_id", "question_id")
+
+
+class FeatureCacheError(ValueError):
+    """A feature cache that cannot serve this run (other backbone, settings or samples)."""
+
+
+def backbone_fingerprint(model: nn.Module, trainable_prefix: str = "early_exits.") -> str:
+    """A digest of the frozen parameters (name, shape, sum and absolute sum of each), cheap
+    enough for billions of parameters and stable across devices to 6 significant digits."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(trainable_prefix):
+                continue
+            values = param.detach().double()
+            digest.update(f"{name}{tuple(param.shape)}{values.sum().item():.6e}{values.abs().sum().item():.6e}".encode())
+    return digest.hexdigest()
+
+
+def sample_keys(samples: Mapping[str, Any]) -> List[str]:
+    """One key per sample: the id of its image (or question) and the LM text it is trained on."""
+    id_key = next((k for k in SAMPLE_ID_KEYS if k in samples), None)
+    if id_key is None:
+        raise FeatureCacheError(
+            f"run.exit_feature_cache needs samples with one of {list(SAMPLE_ID_KEYS)} to key them; "
+            f"this batch has {sorted(samples)}"
+        )
+    ids = samples[id_key]
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    texts = samples["text_input"]
+    if len(ids) != len(texts):
+        raise FeatureCacheError(f"batch has {len(ids)} {id_key}s for {len(texts)} text_input entries")
+    return [f"{id_key}={i}\n{t}" for i, t in zip(ids, texts)]
+
+
+class FeatureCache:
+    """Backbone outputs per sample under `root`, written once and read in later epochs."""
+
+    def __init__(self, root: str, dtype: str, fingerprint: Mapping[str, Any]):
+        if dtype not in CACHE_DTYPES:
+            raise FeatureCacheError(f"run.exit_feature_cache_dtype={dtype!r}: allowed values are {sorted(CACHE_DTYPES)}")
+        self.root = Path(root).expanduser()
+        self.dtype = CACHE_DTYPES[dtype]
+        self.fingerprint = {**fingerprint, "dtype": dtype}
+        self.hits = 0
+        self.misses = 0
+        self._check_manifest()
+
+    def _check_manifest(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / MANIFEST
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            differing = sorted(k for k in set(stored) | set(self.fingerprint) if stored.get(k) != self.fingerprint.get(k))
+            if differing:
+                raise FeatureCacheError(
+                    f"run.exit_feature_cache={str(self.root)!r} was filled for another backbone or settings "
+                    f"(differs in {differing}); delete it or choose another directory"
+                )
+            return
+        partial = path.with_name(f"{MANIFEST}.{os.getpid()}.part")
+        partial.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
+        os.replace(partial, path)
+
+    def _path(self, key: str) -> Path:
+        name = hashlib.sha1(key.encode()).hexdigest()
+        return self.root / name[:2] / f"{name}.pt"
+
+    def load(self, keys: Sequence[str], device: torch.device, dtype: torch.dtype) -> Optional[BackboneOutputs]:
+        """The batch re-padded on the right, or None unless every sample is cached."""
+        paths = [self._path(k) for k in keys]
+        if not all(p.is_file() for p in paths):
+            self.misses += 1
+            return None
+        self.hits += 1
+        items = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+        return _pad_batch(items, device, dtype)
+
+    def store(self, keys: Sequence[str], outputs: BackboneOutputs) -> None:
+        """Writes each sample's valid positions (atomically, so ranks may share the directory)."""
+        stacked = torch.stack([*outputs.exit_inputs, outputs.final_features], dim=1)  # [B, K+1, T, D]
+        for row, key in enumerate(keys):
+            valid = outputs.attention_mask[row].bool()
+            item = {
+                "features": stacked[row][:, valid].to("cpu", self.dtype).clone(),
+                "labels": outputs.labels[row][valid].to("cpu", torch.int64).clone(),
+            }
+            path = self._path(key)
+            path.parent.mkdir(exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+            torch.save(item, partial)
+            os.replace(partial, path)
+
+
+def _pad_batch(items: List[Dict[str, torch.Tensor]], device: torch.device, dtype: torch.dtype) -> BackboneOutputs:
+    lengths = [item["labels"].shape[0] for item in items]
+    length = max(lengths)
+    num_tensors, _, hidden = items[0]["features"].shape
+    features = torch.zeros(len(items), num_tensors, length, hidden, dtype=dtype)
+    labels = torch.full((len(items), length), -100, dtype=torch.long)
+    mask = torch.zeros(len(items), length, dtype=torch.long)
+    for row, (item, n) in enumerate(zip(items, lengths)):
+        features[row, :, :n] = item["features"].to(dtype)
+        labels[row, :n] = item["labels"]
+        mask[row, :n] = 1
+    features = features.to(device)
+    return BackboneOutputs(
+        exit_inputs=[features[:, k] for k in range(num_tensors - 1)],
+        final_features=features[:, -1],
+        attention_mask=mask.to(device),
+        labels=labels.to(device),
+    )
