@@ -15,7 +15,7 @@ from collections import Counter
 from typing import Dict, Optional, Sequence, Union
 
 from lavis_free.datasets.annotations import CAPTION_TRAIN, load_annotation_file, load_caption_gt
-from lavis_free.tasks.caption_metrics import caption_metrics
+from lavis_free.tasks.caption_metrics import DEFAULT_SCORERS, caption_metrics
 
 
 def most_frequent_caption(data_dir: str) -> str:
@@ -25,12 +25,13 @@ def most_frequent_caption(data_dir: str) -> str:
     return min(counts, key=lambda c: (-counts[c], c))
 
 
-def most_frequent_caption_baseline(data_dir: str, split: str = "test") -> Dict[str, Union[float, str]]:
+def most_frequent_caption_baseline(data_dir: str, split: str = "test",
+                                   scorers: Sequence[str] = DEFAULT_SCORERS) -> Dict[str, Union[float, str]]:
     """Caption metrics of predicting the most frequent train caption for every ``split`` image."""
     caption = most_frequent_caption(data_dir)
     gt_path = os.path.join(data_dir, "annotations", f"caption_{split}_gt.json")
     predictions = [{"image_id": image_id, "caption": caption} for image_id in load_caption_gt(gt_path)]
-    metrics: Dict[str, Union[float, str]] = dict(caption_metrics(predictions, gt_path))
+    metrics: Dict[str, Union[float, str]] = dict(caption_metrics(predictions, gt_path, scorers))
     metrics["caption"] = caption
     return metrics
 

@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, Hashable, List, Mapping, Sequence
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -36,7 +36,7 @@ def _require_java() -> None:
         raise RuntimeError(JAVA_HINT)
 
 
-def ptb_tokenize(captions: Mapping[int, Sequence[str]]) -> Dict[int, List[str]]:
+def ptb_tokenize(captions: Mapping[Hashable, Sequence[str]]) -> Dict[Hashable, List[str]]:
     """Stanford PTB tokenization + punctuation removal, as pycocoevalcap does, in a temp dir."""
     jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)), ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
     keys = [k for k, caps in captions.items() for _ in caps]
@@ -47,36 +47,61 @@ def ptb_tokenize(captions: Mapping[int, Sequence[str]]) -> Dict[int, List[str]]:
             f.write(text)
         cmd = ["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", path]
         lines = subprocess.run(cmd, check=True, stdout=subprocess.PIPE).stdout.decode("utf-8").split("\n")
-    out: Dict[int, List[str]] = {k: [] for k in captions}
+    out: Dict[Hashable, List[str]] = {k: [] for k in captions}
     for key, line in zip(keys, lines):
         out[key].append(" ".join(w for w in line.rstrip().split(" ") if w not in ptbtokenizer.PUNCTUATIONS))
     return out
 
 
-def score_captions(references: Mapping[int, Sequence[str]], hypotheses: Mapping[int, str], spice: bool = False) -> Dict[str, float]:
-    """Corpus-level scores of one hypothesis per image against its references (same keys)."""
-    _require_java()
-    gts = ptb_tokenize(references)
-    res = ptb_tokenize({k: [v] for k, v in hypotheses.items()})
-    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"]), (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]
-    if spice:
-        from pycocoevalcap.spice.spice import Spice
+SCORERS = ("bleu", "meteor", "rouge", "cider", "spice")
+DEFAULT_SCORERS = ("bleu", "meteor", "rouge", "cider")
 
-        scorers.append((Spice(), ["SPICE"]))
+
+def _make_scorer(name: str):
+    """(scorer, metric names); SPICE is imported only when asked for (it downloads on first use)."""
+    if name == "bleu":
+        return Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]
+    if name == "meteor":
+        return Meteor(), ["METEOR"]
+    if name == "rouge":
+        return Rouge(), ["ROUGE_L"]
+    if name == "cider":
+        return Cider(), ["CIDEr"]
+    from pycocoevalcap.spice.spice import Spice
+
+    return Spice(), ["SPICE"]
+
+
+def score_captions(references: Mapping[int, Sequence[str]], hypotheses: Mapping[int, str],
+                   scorers: Sequence[str] = DEFAULT_SCORERS) -> Dict[str, float]:
+    """Corpus-level scores of one hypothesis per image against its references (same keys).
+
+    ``scorers`` picks among bleu, meteor, rouge, cider, spice: METEOR starts a JVM that loads a
+    60 MB paraphrase table, so callers that need only CIDEr (threshold sweeps) skip it.
+    """
+    unknown = sorted(set(scorers) - set(SCORERS))
+    if unknown:
+        raise ValueError(f"unknown caption scorers {unknown}; allowed: {', '.join(SCORERS)}")
+    _require_java()
+    # One tokenizer run for references and hypotheses: a JVM start per call is the slow part.
+    tokenized = ptb_tokenize({**{("ref", k): v for k, v in references.items()},
+                              **{("hyp", k): [v] for k, v in hypotheses.items()}})
+    gts = {k: tokenized[("ref", k)] for k in references}
+    res = {k: tokenized[("hyp", k)] for k in hypotheses}
     scores: Dict[str, float] = {}
-    for scorer, names in scorers:
-        if isinstance(scorer, Bleu):
-            value, _ = scorer.compute_score(gts, res, verbose=0)
-        else:
-            value, _ = scorer.compute_score(gts, res)
+    for name in scorers:
+        scorer, names = _make_scorer(name)
+        value, _ = scorer.compute_score(gts, res, verbose=0) if name == "bleu" else scorer.compute_score(gts, res)
         values = value if isinstance(value, list) else [value]
-        scores.update({name: float(v) for name, v in zip(names, values)})
+        scores.update({metric: float(v) for metric, v in zip(names, values)})
     return scores
 
 
-def caption_metrics(predictions: Sequence[Mapping], gt_path: str, spice: bool = False) -> Dict[str, float]:
+def caption_metrics(predictions: Sequence[Mapping], gt_path: str,
+                    scorers: Sequence[str] = DEFAULT_SCORERS) -> Dict[str, float]:
     """Score ``[{"image_id": int, "caption": str}, ...]`` against the COCO-format ``gt_path``.
 
+    ``scorers``: any of bleu, meteor, rouge, cider, spice (default: all but spice).
     Duplicate image ids keep their first caption. Returns the scores plus ``num_images``.
     Raises ValueError for malformed predictions or image ids absent from the ground truth.
     """
@@ -93,6 +118,6 @@ def caption_metrics(predictions: Sequence[Mapping], gt_path: str, spice: bool = 
         raise ValueError("no predictions to score")
     if len(hypotheses) < len(references):
         logging.info("scoring %d of the %d images of %s", len(hypotheses), len(references), gt_path)
-    scores = score_captions({k: references[k] for k in hypotheses}, hypotheses, spice=spice)
+    scores = score_captions({k: references[k] for k in hypotheses}, hypotheses, scorers)
     scores["num_images"] = len(hypotheses)
     return scores
