@@ -144,6 +144,8 @@ def test_valid_steps_pass_run_config_and_generate_kwargs():
     assert call["prompt"] == "Question: {} Short answer:" and call["inference_method"] == "generate"
     assert (call["num_beams"], call["max_len"], call["min_len"], call["exit_threshold"]) == (1, 5, 1, 0.8)
 
+    with pytest.raises(ValueError, match="unknown caption scorers"):
+        registry.get_task_class("free_captioning").setup_task(_cfg(caption_scorers=["cider", "bert"]))
     with pytest.raises(ValueError, match="run.generate_kwargs"):
         registry.get_task_class("free_vqa").setup_task(_cfg(generate_kwargs=[1, 2]))
 

@@ -57,6 +57,14 @@ SCORERS = ("bleu", "meteor", "rouge", "cider", "spice")
 DEFAULT_SCORERS = ("bleu", "meteor", "rouge", "cider")
 
 
+def check_scorers(scorers: Sequence[str]) -> None:
+    unknown = sorted(set(scorers) - set(SCORERS))
+    if unknown:
+        raise ValueError(f"unknown caption scorers {unknown} (run.caption_scorers); allowed: {', '.join(SCORERS)}")
+    if "cider" not in scorers:
+        raise ValueError("caption scorers must include 'cider': agg_metrics and the baselines are CIDEr")
+
+
 def _make_scorer(name: str):
     """(scorer, metric names); SPICE is imported only when asked for (it downloads on first use)."""
     if name == "bleu":
@@ -79,9 +87,7 @@ def score_captions(references: Mapping[int, Sequence[str]], hypotheses: Mapping[
     ``scorers`` picks among bleu, meteor, rouge, cider, spice: METEOR starts a JVM that loads a
     60 MB paraphrase table, so callers that need only CIDEr (threshold sweeps) skip it.
     """
-    unknown = sorted(set(scorers) - set(SCORERS))
-    if unknown:
-        raise ValueError(f"unknown caption scorers {unknown}; allowed: {', '.join(SCORERS)}")
+    check_scorers(scorers)
     _require_java()
     # One tokenizer run for references and hypotheses: a JVM start per call is the slow part.
     tokenized = ptb_tokenize({**{("ref", k): v for k, v in references.items()},

@@ -1,22 +1,24 @@
 """Task ``free_captioning``: LAVIS's CaptionTask scored offline against local ground truth.
 
 Run config keys: ``num_beams``, ``max_len``, ``min_len``, ``evaluate``, ``report_metric`` (as
-LAVIS), plus ``spice`` (default false; SPICE downloads Stanford CoreNLP on first use) and
-``generate_kwargs`` (a mapping added to every ``model.generate`` call). The ground truth of each
-eval split is the ``gt`` file its dataset config names (``caption_<split>_gt.json`` for shapes).
+LAVIS), plus ``caption_scorers`` (default [bleu, meteor, rouge, cider]; METEOR's JVM start is
+the slow part of an evaluation, so quick runs may drop it), ``spice`` (default false; adds SPICE,
+which downloads Stanford CoreNLP on first use) and ``generate_kwargs`` (a mapping added to every
+``model.generate`` call). The ground truth of each eval split is the ``gt`` file its dataset
+config names (``caption_<split>_gt.json`` for shapes).
 ``agg_metrics`` (what LAVIS keeps the best checkpoint by) is CIDEr alone, not LAVIS's
 CIDEr + BLEU-4, so the reported number is the one the README and the threshold sweeps use.
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from lavis.common.dist_utils import main_process
 from lavis.common.registry import registry
 from lavis.tasks.captioning import CaptionTask
 
-from lavis_free.tasks.caption_metrics import caption_metrics
+from lavis_free.tasks.caption_metrics import DEFAULT_SCORERS, caption_metrics, check_scorers
 from lavis_free.tasks.common import collect_eval_files, generation_kwargs, record_metrics
 from lavis_free.tasks.exit_training import ExitTrainingMixin
 
@@ -24,9 +26,10 @@ from lavis_free.tasks.exit_training import ExitTrainingMixin
 @registry.register_task("free_captioning")
 class FreeCaptionTask(ExitTrainingMixin, CaptionTask):
     def __init__(self, num_beams: int, max_len: int, min_len: int, evaluate: bool, report_metric: bool = True,
-                 spice: bool = False, generate_kwargs: Optional[Dict[str, Any]] = None):
+                 scorers: Sequence[str] = DEFAULT_SCORERS, generate_kwargs: Optional[Dict[str, Any]] = None):
         super().__init__(num_beams, max_len, min_len, evaluate, report_metric=report_metric)
-        self.spice = spice
+        check_scorers(scorers)
+        self.scorers = tuple(scorers)
         self.generate_kwargs = dict(generate_kwargs or {})
         self.gt_files: Dict[str, str] = {}
 
@@ -39,7 +42,7 @@ class FreeCaptionTask(ExitTrainingMixin, CaptionTask):
             min_len=run_cfg.get("min_len", 1),
             evaluate=run_cfg.get("evaluate", False),
             report_metric=run_cfg.get("report_metric", True),
-            spice=bool(run_cfg.get("spice", False)),
+            scorers=tuple(run_cfg.get("caption_scorers", DEFAULT_SCORERS)) + (("spice",) if run_cfg.get("spice", False) else ()),
             generate_kwargs=generation_kwargs(run_cfg),
         )
 
@@ -68,7 +71,7 @@ class FreeCaptionTask(ExitTrainingMixin, CaptionTask):
             )
         with open(eval_result_file, "r") as f:
             predictions = json.load(f)
-        metrics = caption_metrics(predictions, self.gt_files[split_name], spice=self.spice)
+        metrics = caption_metrics(predictions, self.gt_files[split_name], self.scorers)
         metrics["agg_metrics"] = metrics["CIDEr"]
         record_metrics(split_name, metrics)
         return metrics
