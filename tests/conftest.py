@@ -1,12 +1,16 @@
 """Shared fixtures.
 
 The offline switches are set before anything imports transformers (it reads them at import);
-then ``import lavis_free``, which must precede any lavis import (compat fixes, registrations).
+one intra-op thread per process (inherited by the subprocesses tests start) because the tiny
+models' ops are too small to gain from threads, and on a loaded 2-core machine torch's thread
+pool made training steps about 10x slower; then ``import lavis_free``, which must precede any
+lavis import (compat fixes, registrations).
 """
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

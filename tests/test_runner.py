@@ -1,6 +1,8 @@
 """runner_free in one process, with toy models: training, checkpoints, resume, optimizer groups, errors."""
 import json
 import logging
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,3 +244,32 @@ def test_optimizer_groups_must_cover_every_trainable_parameter(in_tmp_dir):
     model.optimizer_groups = lambda: {"generator": list(model.head.parameters())}
     with pytest.raises(ValueError, match="in no optimizer group: .*disc.bias"):
         make_runner("partial", model=model).optimizers
+
+
+def _run_script(name, monkeypatch, *args):
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setattr(sys, "argv", [name, "--cfg-path", str(repo / "projects/free/shapes_caption.yaml"), *args])
+    runpy.run_path(str(repo / name), run_name="__main__")
+
+
+def test_train_then_evaluate_scripts_with_the_tiny_model(in_tmp_dir, shapes_data_dir, monkeypatch):
+    options = [
+        f"datasets.shapes_caption.build_info.storage={shapes_data_dir}", "run.batch_size_train=8",
+        "run.batch_size_eval=8", "run.valid_splits=[]", "run.test_splits=[test]", "run.report_metric=False",
+        "run.max_len=5",
+    ]
+    _run_script("train.py", monkeypatch, "--job-id", "trained", "--options", *options, "run.test_splits=[]")
+    trained = in_tmp_dir / "output" / "shapes_caption" / "trained"
+    checkpoint = torch.load(trained / "checkpoint_0.pth", weights_only=True)
+    assert checkpoint["model"] and set(checkpoint["optimizers"]) == {"main"}
+    assert checkpoint["epoch"] == 0 and not list((trained / "result").iterdir())
+
+    _run_script("evaluate.py", monkeypatch, "--job-id", "evaluated", "--options", *options)
+    results = json.loads((in_tmp_dir / "output/shapes_caption/evaluated/result/test_epochbest.json").read_text())
+    assert len(results) == 8 and all(isinstance(row["caption"], str) for row in results)
+    assert not (in_tmp_dir / "output/shapes_caption/evaluated/checkpoint_0.pth").exists()
+
+
+def test_unknown_registered_name_is_an_error_naming_the_key(in_tmp_dir, monkeypatch):
+    with pytest.raises(ValueError, match=r"run\.runner: 'runner_fre' is not a registered runner.*runner_free"):
+        _run_script("train.py", monkeypatch, "--options", "run.runner=runner_fre")

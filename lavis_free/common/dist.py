@@ -99,3 +99,13 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def gather_values(value: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's copy of a small tensor (``[value]`` in a single process), on the CPU."""
+    if not is_dist_avail_and_initialized():
+        return [value.detach().cpu()]
+    local = value.detach().to(collective_device())
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [g.cpu() for g in gathered]

@@ -38,7 +38,7 @@ from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lavis_free.common.device_mode import cuda_requests_on_cpu
-from lavis_free.common.dist import barrier
+from lavis_free.common.dist import barrier, gather_values
 from lavis_free.common.paths import output_dir_for, set_registry_path
 from lavis_free.runners import optim
 from lavis_free.runners.checkpoint import load_trainable_state, trainable_state_dict
@@ -194,6 +194,7 @@ class RunnerFree(RunnerBase):
             if not self.evaluate_only:
                 logger.info("Start training epoch %d of %d", cur_epoch, self.max_epoch)
                 self.log_stats(split_name="train", stats=self.train_epoch(cur_epoch))
+                self._check_replicas_agree()
             for split_name in valid_splits:
                 self._validate(split_name, cur_epoch)
             if self.evaluate_only:
@@ -224,6 +225,17 @@ class RunnerFree(RunnerBase):
                 log_freq=self.log_freq,
                 accum_grad_iters=self.accum_grad_iters,
             )
+
+    def _check_replicas_agree(self) -> None:
+        """Compare a checksum of the trainable weights across ranks; only rank 0 saves them."""
+        if not self.use_distributed:
+            return
+        params = [p.detach().double() for p in self.unwrap_dist_model(self.model).parameters() if p.requires_grad]
+        checksum = torch.stack([sum(p.sum() for p in params), sum(p.abs().sum() for p in params)])
+        values = gather_values(checksum)
+        if any(not torch.allclose(v, values[0], rtol=1e-9, atol=0.0) for v in values):
+            raise RuntimeError(f"trainable weights differ across ranks (checksums {[v.tolist() for v in values]})")
+        logger.info("trainable-weight checksum agrees across %d ranks: %s", len(values), values[0].tolist())
 
     def _validate(self, split_name: str, cur_epoch: int) -> None:
         logger.info("Evaluating on %s.", split_name)
