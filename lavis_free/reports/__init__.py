@@ -1,0 +1,1 @@
+"""Reports written by commands (JSON + PNG): `python -m lavis_free.reports.exit_quality ...`."""
