@@ -72,7 +72,10 @@ def build_bert_vocab(texts: Iterable[str], out_dir: str) -> None:
     from transformers.models.bert.tokenization_bert import BasicTokenizer
 
     basic = BasicTokenizer(do_lower_case=True)
-    counts = Counter(word for text in texts for word in basic.tokenize(text))
+    counts: Counter = Counter()
+    for text, n in Counter(texts).items():  # the corpus repeats itself a lot: tokenize each text once
+        for word in basic.tokenize(text):
+            counts[word] += n
     chars = sorted({ch for word in counts for ch in word} | set("abcdefghijklmnopqrstuvwxyz0123456789.,?!:;'\"-"))
     words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
     vocab: List[str] = list(BERT_SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars if c.isalnum()] + words
