@@ -20,11 +20,12 @@ from lavis.tasks.captioning import CaptionTask
 
 from lavis_free.tasks.caption_metrics import DEFAULT_SCORERS, caption_metrics, check_scorers
 from lavis_free.tasks.common import collect_eval_files, generation_kwargs, record_metrics
+from lavis_free.tasks.exit_eval import ExitEvalTaskMixin
 from lavis_free.tasks.exit_training import ExitTrainingMixin
 
 
 @registry.register_task("free_captioning")
-class FreeCaptionTask(ExitTrainingMixin, CaptionTask):
+class FreeCaptionTask(ExitEvalTaskMixin, ExitTrainingMixin, CaptionTask):
     def __init__(self, num_beams: int, max_len: int, min_len: int, evaluate: bool, report_metric: bool = True,
                  scorers: Sequence[str] = DEFAULT_SCORERS, generate_kwargs: Optional[Dict[str, Any]] = None):
         super().__init__(num_beams, max_len, min_len, evaluate, report_metric=report_metric)
@@ -44,7 +45,7 @@ class FreeCaptionTask(ExitTrainingMixin, CaptionTask):
             report_metric=run_cfg.get("report_metric", True),
             scorers=tuple(run_cfg.get("caption_scorers", DEFAULT_SCORERS)) + (("spice",) if run_cfg.get("spice", False) else ()),
             generate_kwargs=generation_kwargs(run_cfg),
-        )
+        ).with_exit_eval(run_cfg)
 
     def build_datasets(self, cfg):
         datasets = super().build_datasets(cfg)
@@ -52,7 +53,8 @@ class FreeCaptionTask(ExitTrainingMixin, CaptionTask):
         return datasets
 
     def valid_step(self, model, samples: Mapping[str, Any]) -> List[Dict[str, Any]]:
-        captions = model.generate(
+        captions = self.exit_eval.decode(
+            model.generate,
             samples,
             use_nucleus_sampling=False,
             num_beams=self.num_beams,
@@ -73,5 +75,6 @@ class FreeCaptionTask(ExitTrainingMixin, CaptionTask):
             predictions = json.load(f)
         metrics = caption_metrics(predictions, self.gt_files[split_name], self.scorers)
         metrics["agg_metrics"] = metrics["CIDEr"]
+        metrics.update(self.exit_metrics)
         record_metrics(split_name, metrics)
         return metrics

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -108,7 +108,7 @@ class ExitTally:
     def summary(self) -> Dict[str, Any]:
         """The reported figures; wall-clock ones only when a full-depth decoding was timed."""
         if not self.tokens:
-            return {"num_tokens": 0}
+            return {}
         out: Dict[str, Any] = {
             "num_tokens": self.tokens,
             "num_layers": self.num_layers,
@@ -188,29 +188,35 @@ def _timed(decode: Callable[..., Any], args: Tuple, kwargs: Dict[str, Any]) -> T
 
 
 class ExitEvalTaskMixin:
-    """Gives a LAVIS task exit figures: put it first among the task's bases, route the decoding
-    in `valid_step` through `self.exit_eval.decode(...)`, and the metrics returned by
-    `after_evaluation` gain the figures of `ExitTally.summary` (`run.compare_full_depth: true`
-    adds the wall-clock ones)."""
+    """Gives a LAVIS task exit figures. Hooks in the task: list the mixin among its bases, end
+    `setup_task` with `.with_exit_eval(run_cfg)` (reads `run.compare_full_depth`), decode in
+    `valid_step` through `self.exit_eval.decode(model.generate, ...)`, and add
+    `self.exit_metrics` to the metrics it reports. `evaluation` (LAVIS's loop, on every rank)
+    resets the tally first and sums it over ranks at the end."""
 
-    exit_eval: ExitEvaluator
+    exit_metrics: Dict[str, Any] = {}
 
-    @classmethod
-    def setup_task(cls, cfg):
-        task = super().setup_task(cfg)
-        task.exit_eval = ExitEvaluator(bool(cfg.run_cfg.get("compare_full_depth", False)))
-        return task
+    @property
+    def exit_eval(self) -> ExitEvaluator:
+        if "_exit_eval" not in self.__dict__:
+            self._exit_eval = ExitEvaluator()
+        return self._exit_eval
+
+    @exit_eval.setter
+    def exit_eval(self, evaluator: ExitEvaluator) -> None:
+        self._exit_eval = evaluator
+
+    def with_exit_eval(self, run_cfg: Mapping[str, Any]):
+        compare = run_cfg.get("compare_full_depth", False)
+        if not isinstance(compare, bool):
+            raise ValueError(f"run.compare_full_depth must be true or false, got {compare!r}")
+        self.exit_eval = ExitEvaluator(compare)
+        return self
 
     def evaluation(self, model, data_loader, cuda_enabled: bool = True):
         self.exit_eval.reset()
         results = super().evaluation(model, data_loader, cuda_enabled=cuda_enabled)
         self.exit_metrics = self.exit_eval.summary()
+        if self.exit_metrics:
+            logging.info("exit figures: %s", json.dumps(self.exit_metrics))
         return results
-
-    def after_evaluation(self, *args: Any, **kwargs: Any) -> Optional[Dict[str, Any]]:
-        metrics = super().after_evaluation(*args, **kwargs)
-        exit_metrics = getattr(self, "exit_metrics", {})
-        if isinstance(metrics, dict) and exit_metrics:
-            logging.info("exit figures: %s", json.dumps(exit_metrics))
-            metrics.update(exit_metrics)
-        return metrics

@@ -17,11 +17,12 @@ from lavis.tasks.vqa import VQATask
 
 from lavis_free.tasks.answer_metrics import dialogue_metrics, vqa_metrics
 from lavis_free.tasks.common import collect_eval_files, generation_kwargs, record_metrics
+from lavis_free.tasks.exit_eval import ExitEvalTaskMixin
 from lavis_free.tasks.exit_training import ExitTrainingMixin
 
 
 @registry.register_task("free_vqa")
-class FreeVQATask(ExitTrainingMixin, VQATask):
+class FreeVQATask(ExitEvalTaskMixin, ExitTrainingMixin, VQATask):
     result_name = "vqa_result"
     metric_fn: Callable[..., Dict[str, float]] = staticmethod(vqa_metrics)
     default_inference_method = "generate"
@@ -45,7 +46,7 @@ class FreeVQATask(ExitTrainingMixin, VQATask):
             inference_method=run_cfg.get("inference_method", cls.default_inference_method),
             prompt=run_cfg.get("prompt", ""),
             generate_kwargs=generation_kwargs(run_cfg),
-        )
+        ).with_exit_eval(run_cfg)
 
     def build_datasets(self, cfg):
         datasets = super().build_datasets(cfg)
@@ -53,7 +54,8 @@ class FreeVQATask(ExitTrainingMixin, VQATask):
         return datasets
 
     def valid_step(self, model, samples: Mapping[str, Any]) -> List[Dict[str, Any]]:
-        answers = model.predict_answers(
+        answers = self.exit_eval.decode(
+            model.predict_answers,
             samples=samples,
             answer_list=self.answer_list,
             inference_method=self.inference_method,
@@ -82,6 +84,7 @@ class FreeVQATask(ExitTrainingMixin, VQATask):
         with open(result_file, "r") as f:
             predictions = json.load(f)
         metrics = self.metric_fn(predictions, self.gt_files[split])
+        metrics.update(self.exit_metrics)
         record_metrics(split, metrics)
         return metrics
 
