@@ -146,7 +146,7 @@ def test_trains_with_validation_and_falls_back_when_metric_never_improves(in_tmp
     assert [set(entry) >= {"train_loss", "train_lr"} for entry in logged] == [True, True]
 
 
-def test_resume_restores_weights_optimizer_and_epoch(in_tmp_dir):
+def test_resume_restores_weights_optimizer_and_epoch(in_tmp_dir, caplog):
     first = make_runner("first", max_epoch=1)
     first.train()
     path = Path(first.output_dir) / "checkpoint_0.pth"
@@ -163,7 +163,9 @@ def test_resume_restores_weights_optimizer_and_epoch(in_tmp_dir):
         assert torch.equal(state_first[index]["exp_avg"], state_second[index]["exp_avg"])
 
     resumed = make_runner("resumed", max_epoch=2, resume_ckpt_path=str(path))
-    resumed.train()
+    with caplog.at_level(logging.WARNING):
+        resumed.train()
+    assert "'max_epoch': (1, 2)" in caplog.text  # the config's new schedule wins, and says so
     out = Path(resumed.output_dir)
     assert (out / "checkpoint_1.pth").is_file() and not (out / "checkpoint_0.pth").exists()
     assert torch.load(out / "checkpoint_1.pth", weights_only=True)["epoch"] == 1
@@ -258,6 +260,8 @@ def test_train_then_evaluate_scripts_with_the_tiny_model(in_tmp_dir, shapes_data
         "run.batch_size_eval=8", "run.valid_splits=[]", "run.test_splits=[test]", "run.report_metric=False",
         "run.max_len=5",
     ]
+    library_root = Path(registry.get_path("library_root"))
+    lavis_files_before = {p for p in library_root.rglob("*") if "__pycache__" not in p.parts}
     _run_script("train.py", monkeypatch, "--job-id", "trained", "--options", *options, "run.test_splits=[]")
     trained = in_tmp_dir / "output" / "shapes_caption" / "trained"
     checkpoint = torch.load(trained / "checkpoint_0.pth", weights_only=True)
@@ -268,8 +272,16 @@ def test_train_then_evaluate_scripts_with_the_tiny_model(in_tmp_dir, shapes_data
     results = json.loads((in_tmp_dir / "output/shapes_caption/evaluated/result/test_epochbest.json").read_text())
     assert len(results) == 8 and all(isinstance(row["caption"], str) for row in results)
     assert not (in_tmp_dir / "output/shapes_caption/evaluated/checkpoint_0.pth").exists()
+    assert {p for p in library_root.rglob("*") if "__pycache__" not in p.parts} == lavis_files_before
 
 
-def test_unknown_registered_name_is_an_error_naming_the_key(in_tmp_dir, monkeypatch):
-    with pytest.raises(ValueError, match=r"run\.runner: 'runner_fre' is not a registered runner.*runner_free"):
-        _run_script("train.py", monkeypatch, "--options", "run.runner=runner_fre")
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["run.runner=runner_fre"], r"run\.runner: 'runner_fre' is not a registered runner.*runner_free"),
+        (["model.arch", "blip2_opt_fre"], r"model\.arch: 'blip2_opt_fre' is not a registered model"),
+    ],
+)
+def test_unknown_registered_name_is_an_error_naming_the_key(in_tmp_dir, monkeypatch, options, message):
+    with pytest.raises(ValueError, match=message):
+        _run_script("train.py", monkeypatch, "--options", *options)

@@ -49,9 +49,19 @@ def _check_name(kind: str, key: str, name: Any, known: list[str]) -> None:
         raise ValueError(f"{key}: {name!r} is not a registered {kind}; registered: {known}")
 
 
+def dot_list(options: Sequence[str]) -> list[str]:
+    """``--options`` as ``key=value`` strings; LAVIS also accepts ``key value`` pairs."""
+    options = list(options)
+    if not options or "=" in options[0]:
+        return options
+    if len(options) % 2:
+        raise ValueError(f"--options: {options} is neither key=value items nor key value pairs")
+    return [f"{key}={value}" for key, value in zip(options[0::2], options[1::2])]
+
+
 def check_registered_names(cfg_path: str, options: Sequence[str]) -> None:
     """Fail early, naming the key, when the YAML names a model/dataset/task/runner LAVIS lacks."""
-    raw = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(list(options)))
+    raw = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(dot_list(options)))
     for section in ("model", "datasets", "run"):
         if raw.get(section, None) is None:
             raise ValueError(f"{cfg_path}: missing top-level section {section!r}")

@@ -174,12 +174,16 @@ def scheduler_state(scheduler: Any) -> dict:
     return {k: v for k, v in vars(scheduler).items() if k != "optimizer"}
 
 
-def load_scheduler_state(scheduler: Any, state: Optional[dict]) -> None:
-    """Inverse of :func:`scheduler_state`."""
+def load_scheduler_state(scheduler: Any, state: Optional[dict]) -> dict[str, tuple[Any, Any]]:
+    """Restore what :func:`scheduler_state` saved; returns settings that differ, for a warning.
+
+    A scheduler with ``load_state_dict`` gets its state back. LAVIS's schedulers hold nothing
+    but settings from the config; there the current config wins (a resumed run may extend
+    ``max_epoch``), and the differences ``{name: (saved, current)}`` are returned.
+    """
     if not state:
-        return
+        return {}
     if hasattr(scheduler, "load_state_dict"):
         scheduler.load_state_dict(state)
-        return
-    for key, value in state.items():
-        setattr(scheduler, key, value)
+        return {}
+    return {k: (v, getattr(scheduler, k, None)) for k, v in state.items() if getattr(scheduler, k, None) != v}

@@ -326,7 +326,9 @@ class RunnerFree(RunnerBase):
             )
         for group, optimizer in self.optimizers.items():
             optimizer.load_state_dict(checkpoint["optimizers"][group])
-            optim.load_scheduler_state(self.lr_schedulers[group], checkpoint["lr_schedulers"].get(group))
+            changed = optim.load_scheduler_state(self.lr_schedulers[group], checkpoint["lr_schedulers"].get(group))
+            if changed:
+                logger.warning("LR schedule of group %r differs from the checkpoint's (saved, now): %s", group, changed)
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.start_epoch = int(checkpoint["epoch"]) + 1
