@@ -75,3 +75,16 @@ def test_reference_nms_keeps_highest_scoring_non_overlapping_boxes():
     assert torchvision_ops.nms_reference(boxes[:0], scores[:0], 0.5).numel() == 0
     if torchvision_ops.fallback_installed():
         assert torch.ops.torchvision.nms(boxes, scores, 0.5).tolist() == [3, 2]
+
+
+def test_project_yamls_load_with_lavis_config_and_use_runner_free():
+    import argparse
+
+    from lavis.common.config import Config
+
+    repo = Path(__file__).resolve().parents[1]
+    for name, dataset in (("shapes_caption", "shapes_caption"), ("coco_caption", "coco_caption")):
+        cfg = Config(argparse.Namespace(cfg_path=str(repo / "projects" / "free" / f"{name}.yaml"), options=[]))
+        assert cfg.run_cfg.runner == "runner_free"
+        assert cfg.model_cfg.arch == "blip2_opt_free"
+        assert dataset in cfg.datasets_cfg
