@@ -1,0 +1,124 @@
+"""The oracle exit: per token, the earliest exit whose argmax agrees with the final layer's token.
+
+Why: it is the ceiling of any confidence rule over these exits. An oracle that knew where each
+token's exits first agree with full depth would emit exactly the full-depth greedy output (zero
+quality loss) while running the fewest layers this exit placement allows.
+
+How: the full-depth greedy outputs are decoded through the model's own `early_exit_decode`
+(observed by `capture_decodes`, so the prefix is exactly what the engine saw: image queries,
+prompt, padding), then teacher-forced once through the frozen backbone and every exit. With the
+`recompute` policy the engine's caches equal these full-depth ones, so the figures are what the
+engine would do with a perfect exit decision. Cost accounting follows the engine: the first token
+comes from the full-depth prefill and never exits; a token checks the exits allowed by
+`min_exit_layer` in depth order, paying one exit transformer and one head per check, and a token
+no exit agrees on runs every layer and the final head too.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
+
+import torch
+
+from lavis_free.exits.engine import DecodeOptions, DecodeResult
+
+
+@dataclass
+class DecodeCall:
+    """One call of `early_exit_decode`: its inputs and result."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    options: DecodeOptions
+    result: DecodeResult
+
+
+@contextmanager
+def capture_decodes(model: torch.nn.Module) -> Iterator[List[DecodeCall]]:
+    """Records every `model.early_exit_decode` call made inside the block (the calls still run).
+    The hook is an instance attribute, removed on exit, so the class is untouched."""
+    calls: List[DecodeCall] = []
+    decode = model.early_exit_decode
+
+    def observed(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, options: DecodeOptions) -> DecodeResult:
+        result = decode(inputs_embeds, attention_mask, options)
+        calls.append(DecodeCall(inputs_embeds, attention_mask, options, result))
+        return result
+
+    model.early_exit_decode = observed
+    try:
+        yield calls
+    finally:
+        del model.early_exit_decode
+
+
+def oracle_row(exit_tokens: Sequence[Sequence[int]], final_tokens: Sequence[int], exit_layers: Sequence[int],
+               num_layers: int, min_exit_layer: int = 0) -> Tuple[List[int], List[int], List[int]]:
+    """Oracle costs of one sequence: (layers run, exit transformers run, heads run) per token.
+
+    `final_tokens[t]` is the full-depth token t; `exit_tokens[k][t]` the argmax of exit k (after
+    decoder layer `exit_layers[k]`, 0-based) at that step. Token 0 is the prefill's (full depth).
+    """
+    allowed = [k for k, layer in enumerate(exit_layers) if layer + 1 >= min_exit_layer]
+    layers, blocks, heads = [num_layers], [0], [1]
+    for t in range(1, len(final_tokens)):
+        for checked, k in enumerate(allowed, start=1):
+            if exit_tokens[k][t] == final_tokens[t]:
+                layers.append(exit_layers[k] + 1)
+                blocks.append(checked)
+                heads.append(checked)
+                break
+        else:
+            layers.append(num_layers)
+            blocks.append(len(allowed))
+            heads.append(len(allowed) + 1)
+    return layers, blocks, heads
+
+
+@torch.no_grad()
+def teacher_forced_argmax(model: torch.nn.Module, call: DecodeCall, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Argmax of every exit ([K, B, steps]) and of the final layer ([B, steps]) at the first
+    `steps` generated steps of a decode, teacher-forced on its tokens after the engine's own
+    prefix. Step 0 (the prefill's token, which never exits) is -1 for the exits."""
+    adapter, exits = model.exit_adapter, model.early_exits
+    tokens = call.result.tokens[:, :steps]
+    prefix = call.attention_mask.shape[1]
+    inputs = torch.cat([call.inputs_embeds, adapter.embed_tokens(tokens[:, :-1])], dim=1)
+    mask = torch.cat([call.attention_mask, torch.ones_like(tokens[:, :-1], dtype=call.attention_mask.dtype)], dim=1)
+    backbone = exits.backbone_outputs(adapter, inputs, mask, torch.zeros_like(mask, dtype=torch.long))
+    opts = call.options
+    suppressed = [s for s in range(steps) if opts.prompt_length + s < opts.min_length]
+
+    def argmax(logits: torch.Tensor) -> torch.Tensor:
+        window = logits[:, prefix - 1 :].clone()  # column s predicts token s
+        window[:, suppressed, opts.eos_token_id] = -float("inf")  # as the engine's min_length
+        return window.argmax(-1)
+
+    final = argmax(adapter.head(backbone.final_features))
+    per_exit = torch.full((len(exits.config.layers),) + tuple(tokens.shape), -1, dtype=torch.long, device=tokens.device)
+    for k, logits in enumerate(exits.exit_outputs(adapter, backbone).logits):
+        per_exit[k, :, 1:] = argmax(logits)[:, 1:]
+    return per_exit, final
+
+
+def oracle_stats(model: torch.nn.Module, calls: Sequence[DecodeCall]) -> Dict[str, Any]:
+    """Exit stats (the format of `generate(return_exit_stats=True)`) of the oracle exit over
+    full-depth decodes, with each decode's `min_exit_layer`; a model without exits gives full
+    depth everywhere."""
+    num_layers = model.exit_adapter.num_layers
+    stats: Dict[str, Any] = {"exit_layers": [], "exit_blocks_run": [], "heads_run": [], "num_layers": num_layers,
+                             "head_cost": model.exit_adapter.head_cost_in_layers()}
+    for call in calls:
+        if call.options.exits_enabled:
+            raise ValueError("the oracle needs full-depth decodes (exit_threshold above 1)")
+        lengths = [len(row) for row in model.exit_stats(call.result)["exit_layers"]]
+        layers = list(model.early_exits.config.layers) if model.early_exits is not None else []
+        argmax = teacher_forced_argmax(model, call, max(lengths))[0].tolist() if layers else []
+        for row, (length, tokens) in enumerate(zip(lengths, call.result.tokens.tolist())):
+            per_exit = [argmax[k][row][:length] for k in range(len(layers))]
+            run, blocks, heads = oracle_row(per_exit, tokens[:length], layers, num_layers, call.options.min_exit_layer)
+            stats["exit_layers"].append(run)
+            stats["exit_blocks_run"].append(blocks)
+            stats["heads_run"].append(heads)
+    return stats

@@ -1,0 +1,197 @@
+"""A LAVIS project loaded for evaluation, and one split decoded with given exit settings.
+
+Why this module: the sweep, the calibration and the oracle all need the same steps, done the way
+LAVIS does them so that any project YAML works: Config from `--cfg-path` and `--options`, then
+`task.build_datasets` and `task.build_model`; a DataLoader over (a prefix of) one eval split;
+decoding through the task's own `valid_step` with the exit settings put into the task's
+`generate_kwargs`; scoring with the task's metric function, without a runner.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+import lavis_free  # noqa: F401  (compat fixes and registrations before lavis is used)
+import lavis.tasks as lavis_tasks
+from lavis.common.config import Config
+from lavis.datasets.data_utils import prepare_sample
+
+from lavis_free.common.launch import check_registered_names, setup_seeds
+from lavis_free.tasks.caption_metrics import caption_metrics
+from lavis_free.tasks.captioning import FreeCaptionTask
+from lavis_free.tasks.exit_eval import FULL_DEPTH_THRESHOLD, ExitEvaluator, ExitTally
+
+
+EXIT_SETTING_KEYS = ("exit_threshold", "kv_policy", "confidence", "min_exit_layer")
+
+
+@dataclass
+class Project:
+    """What one project YAML builds: task, model (eval mode, on `device`) and datasets."""
+
+    cfg_path: str
+    task: Any
+    model: torch.nn.Module
+    datasets: Dict[str, Dict[str, Dataset]]
+    device: torch.device
+    batch_size: int
+    base_generate_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def dataset(self, split: str, name: Optional[str] = None) -> Dataset:
+        """The `split` dataset of `name` (or of the project's only dataset)."""
+        if name is None:
+            if len(self.datasets) != 1:
+                raise ValueError(f"{self.cfg_path} has datasets {sorted(self.datasets)}: choose one with --dataset")
+            name = next(iter(self.datasets))
+        if name not in self.datasets:
+            raise ValueError(f"--dataset {name!r} is not in {self.cfg_path}; it has {sorted(self.datasets)}")
+        splits = self.datasets[name]
+        if split not in splits:
+            raise ValueError(f"split {split!r} is not built for dataset {name!r}; splits: {sorted(splits)}")
+        return splits[split]
+
+
+def add_project_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every evaluation command shares (project, device, data size)."""
+    parser.add_argument("--cfg-path", required=True, help="LAVIS project YAML (e.g. projects/free/shapes_caption.yaml)")
+    parser.add_argument("--options", nargs="+", default=[], help="key=value overrides of the YAML (LAVIS style)")
+    parser.add_argument("--dataset", default=None, help="dataset name when the YAML has several")
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples of each split")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: run.batch_size_eval")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--confidence", default=None, help="max_prob | margin | entropy (default: the model config's)")
+    parser.add_argument("--min-exit-layer", type=int, default=None, help="default: the model config's")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 is fastest for tiny models on busy CPUs)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def load_project(cfg_path: str, options: Sequence[str] = (), device: Optional[str] = None, batch_size: Optional[int] = None,
+                 threads: Optional[int] = None) -> Project:
+    """Task, datasets and model of a project YAML, built by LAVIS as `evaluate.py` would."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    check_registered_names(cfg_path, options)
+    cfg = Config(argparse.Namespace(cfg_path=cfg_path, options=list(options)))
+    setup_seeds(int(cfg.run_cfg.get("seed", 42)))  # as train.py: a random backbone (`tiny`) is rebuilt alike
+    task = lavis_tasks.setup_task(cfg)
+    if not hasattr(task, "exit_eval"):
+        raise ValueError(
+            f"run.task={cfg.run_cfg.task!r} does not report exit figures; use free_captioning, free_vqa or free_dialogue"
+        )
+    datasets = task.build_datasets(cfg)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = task.build_model(cfg).to(target).eval()
+    size = int(batch_size or cfg.run_cfg.get("batch_size_eval", 8))
+    if size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {size}")
+    return Project(cfg_path, task, model, datasets, target, size, dict(getattr(task, "generate_kwargs", {})))
+
+
+def project_from_args(args: argparse.Namespace) -> Project:
+    """`load_project` with the arguments of `add_project_arguments`."""
+    return load_project(args.cfg_path, args.options, args.device, args.batch_size, args.threads)
+
+
+def split_loader(project: Project, split: str, max_samples: Optional[int] = None, dataset: Optional[str] = None) -> DataLoader:
+    """A sequential loader over the first `max_samples` items (all when None) of `split`."""
+    data = project.dataset(split, dataset)
+    if max_samples is not None:
+        if max_samples < 1:
+            raise ValueError(f"--max-samples must be >= 1, got {max_samples}")
+        data = Subset(data, range(min(max_samples, len(data))))
+    collate = getattr(project.dataset(split, dataset), "collater", None)
+    return DataLoader(data, batch_size=project.batch_size, shuffle=False, num_workers=0, collate_fn=collate)
+
+
+def default_metric(task: Any) -> str:
+    """The headline quality metric of a task: CIDEr for captions, accuracy for answers."""
+    return "CIDEr" if isinstance(task, FreeCaptionTask) else "accuracy"
+
+
+def quality_metrics(task: Any, results: List[Mapping[str, Any]], split: str) -> Dict[str, float]:
+    """Scores `valid_step` results of `split` with the task's own metric function (captions: the
+    task's `run.caption_scorers`; METEOR is slow to start, so sweeps may leave it out)."""
+    gt_files = getattr(task, "gt_files", {})
+    if split not in gt_files:
+        raise ValueError(f"no ground truth known for split {split!r} (splits with one: {sorted(gt_files)})")
+    if isinstance(task, FreeCaptionTask):
+        return caption_metrics(results, gt_files[split], task.scorers)
+    return task.metric_fn(results, gt_files[split])
+
+
+@dataclass
+class SettingRun:
+    """One decoding of a split: task results, quality metrics and the exit tally."""
+
+    settings: Dict[str, Any]
+    results: List[Mapping[str, Any]]
+    metrics: Dict[str, float]
+    tally: ExitTally
+
+    def figures(self, metric: str) -> Dict[str, Any]:
+        if metric not in self.metrics:
+            raise ValueError(f"--metric {metric!r} is not reported; available: {sorted(self.metrics)}")
+        summary = self.tally.summary()
+        return {
+            **{k: v for k, v in self.settings.items() if k in EXIT_SETTING_KEYS},
+            "quality": float(self.metrics[metric]),
+            "avg_exit_layer": summary.get("avg_exit_layer"),
+            "layer_speedup": summary.get("layer_speedup"),
+            "wallclock_speedup": summary.get("wallclock_speedup", 1.0),
+            "tokens_per_s": summary.get("tokens_per_s"),
+            "full_depth_tokens_per_s": summary.get("full_depth_tokens_per_s", summary.get("tokens_per_s")),
+            "num_tokens": self.tally.tokens,
+            "seconds": self.tally.seconds,
+            "histogram": list(self.tally.histogram),
+            "metrics": dict(self.metrics),
+        }
+
+
+def decode_split(project: Project, loader: Iterable[Any], settings: Mapping[str, Any], desc: str = "decode",
+                 progress: bool = True) -> Tuple[List[Mapping[str, Any]], ExitTally]:
+    """Runs the task's `valid_step` over the loader with `settings` added to its generate kwargs.
+    With exits enabled, each batch is also decoded at full depth right beside it, so the
+    wall-clock speedup compares timings taken under the same machine load."""
+    task = project.task
+    unknown = sorted(set(settings) - set(EXIT_SETTING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown exit settings {unknown}; allowed: {EXIT_SETTING_KEYS}")
+    task.generate_kwargs = {**project.base_generate_kwargs, **{k: v for k, v in settings.items() if v is not None}}
+    threshold = settings.get("exit_threshold")
+    task.exit_eval = ExitEvaluator(compare_full_depth=threshold is not None and threshold <= 1)
+    results: List[Mapping[str, Any]] = []
+    try:
+        for samples in tqdm(loader, desc=desc, leave=False, disable=not progress):
+            samples = prepare_sample(samples, cuda_enabled=project.device.type == "cuda")
+            results.extend(task.valid_step(model=project.model, samples=samples))
+    finally:
+        task.generate_kwargs = dict(project.base_generate_kwargs)
+    if not task.exit_eval.tally.tokens:
+        raise RuntimeError(
+            f"{type(task).__name__}.valid_step decoded without exit stats: the model must be an "
+            "early-exit model (blip2_opt_free) and valid_step must decode through self.exit_eval.decode"
+        )
+    return results, task.exit_eval.tally
+
+
+def run_setting(project: Project, loader: DataLoader, split: str, settings: Mapping[str, Any], desc: str = "decode",
+                progress: bool = True) -> SettingRun:
+    """Decodes and scores `split` with these exit settings."""
+    results, tally = decode_split(project, loader, settings, desc=desc, progress=progress)
+    return SettingRun(dict(settings), results, quality_metrics(project.task, results, split), tally)
+
+
+def warm_up(project: Project, loader: DataLoader, settings: Mapping[str, Any]) -> None:
+    """Decodes the first batch once at full depth and once with `settings`, untimed, so lazy
+    initialisation does not land in the first timed setting."""
+    first = [next(iter(loader))]
+    for threshold in (FULL_DEPTH_THRESHOLD, settings.get("exit_threshold")):
+        decode_split(project, first, {**settings, "exit_threshold": threshold}, progress=False)

@@ -1,0 +1,158 @@
+"""Threshold x policy sweep: quality against speedup, with full depth measured in the same process.
+
+    python -m lavis_free.evaluation.sweep --cfg-path projects/free/shapes_caption.yaml --split val \
+        --thresholds 0.5 0.6 0.7 0.8 0.9 0.95 0.99 --policies recompute propagate --out DIR
+
+Writes DIR/sweep.json, DIR/sweep.md and DIR/sweep.png (quality against layer-count and wall-clock
+speedup, one curve per policy, the full-depth point). Every row decodes the same samples; the
+full-depth row (exits disabled) is decoded first and is the reference of each row's relative
+quality drop and wall-clock speedup (its decode time over the row's).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from tqdm import tqdm
+
+from lavis_free.evaluation.plots import plot_sweep
+from lavis_free.evaluation.runs import (
+    Project,
+    SettingRun,
+    add_project_arguments,
+    default_metric,
+    project_from_args,
+    run_setting,
+    split_loader,
+    warm_up,
+)
+from lavis_free.exits.config import KV_POLICIES
+from lavis_free.tasks.exit_eval import FULL_DEPTH_THRESHOLD
+
+DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def relative_drop(quality: float, reference: float) -> float:
+    """(reference - quality) / reference; with a zero reference, 0 when quality is not below it."""
+    if reference > 0:
+        return (reference - quality) / reference
+    return 0.0 if quality >= reference else float("inf")
+
+
+def compared_figures(run: SettingRun, reference: Optional[Mapping[str, Any]], metric: str) -> Dict[str, Any]:
+    """Figures of a run with its relative quality drop against `reference` (None: the run is
+    the full-depth reference itself)."""
+    row = run.figures(metric)
+    row["relative_drop"] = 0.0 if reference is None else relative_drop(row["quality"], reference["quality"])
+    return row
+
+
+def check_grid(thresholds: Sequence[float], policies: Sequence[str]) -> None:
+    """Clear errors for an empty or invalid grid (thresholds must enable exits: <= 1)."""
+    if not thresholds or not policies:
+        raise ValueError("--thresholds and --policies need at least one value each")
+    for value in thresholds:
+        if not 0 <= value <= 1:
+            raise ValueError(f"--thresholds {value}: thresholds are confidences in [0, 1] (full depth is always measured)")
+    for policy in policies:
+        if policy not in KV_POLICIES:
+            raise ValueError(f"--policies {policy!r}: allowed values are {', '.join(KV_POLICIES)}")
+
+
+def run_sweep(project: Project, split: str, thresholds: Sequence[float], policies: Sequence[str],
+              confidence: Optional[str] = None, min_exit_layer: Optional[int] = None, metric: Optional[str] = None,
+              max_samples: Optional[int] = None, dataset: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
+    """Decodes `split` at full depth, then at every (policy, threshold); returns the table."""
+    check_grid(thresholds, policies)
+    metric = metric or default_metric(project.task)
+    loader = split_loader(project, split, max_samples, dataset)
+    common = {"confidence": confidence, "min_exit_layer": min_exit_layer}
+    warm_up(project, loader, {**common, "exit_threshold": min(thresholds), "kv_policy": policies[0]})
+    grid = [(p, t) for p in policies for t in sorted(thresholds)]
+    bar = tqdm(total=len(grid) + 1, desc=f"sweep {split}", disable=not progress)
+    full = run_setting(project, loader, split, {**common, "exit_threshold": FULL_DEPTH_THRESHOLD}, "full depth", progress)
+    bar.update()
+    reference = compared_figures(full, None, metric)
+    rows: List[Dict[str, Any]] = []
+    for policy, threshold in grid:
+        run = run_setting(project, loader, split, {**common, "exit_threshold": threshold, "kv_policy": policy},
+                          f"{policy} {threshold}", progress)
+        row = compared_figures(run, reference, metric)
+        rows.append(row)
+        bar.set_postfix(policy=policy, threshold=threshold, quality=round(row["quality"], 3))
+        bar.update()
+    bar.close()
+    return {
+        "cfg_path": project.cfg_path,
+        "split": split,
+        "num_samples": len(loader.dataset),
+        "metric": metric,
+        "num_layers": project.model.exit_adapter.num_layers,
+        "exit_layers": [layer + 1 for layer in getattr(project.model.exit_config, "layers", ())],
+        "full_depth": reference,
+        "rows": rows,
+    }
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def sweep_markdown(table: Dict[str, Any]) -> str:
+    """The table as markdown: one line for full depth, one per (policy, threshold)."""
+    metric = table["metric"]
+    lines = [
+        f"Split `{table['split']}` ({table['num_samples']} samples), LM depth {table['num_layers']}, "
+        f"exits after layers {table['exit_layers']} (1-based). Relative drop and wall-clock speedup are "
+        "against the full-depth row, decoded in the same process.",
+        "",
+        f"| policy | threshold | {metric} | rel. drop | avg exit layer | layer speedup | wall-clock speedup | tokens/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in [dict(table["full_depth"], kv_policy="full depth", exit_threshold=None)] + table["rows"]:
+        lines.append(
+            f"| {row.get('kv_policy') or '-'} | {_fmt(row['exit_threshold'], 2)} | {_fmt(row['quality'])} | "
+            f"{row['relative_drop'] * 100:.1f}% | {_fmt(row['avg_exit_layer'], 2)} | {_fmt(row['layer_speedup'], 2)}x | "
+            f"{_fmt(row['wallclock_speedup'], 2)}x | {_fmt(row['tokens_per_s'], 1)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep(table: Dict[str, Any], out_dir: str, name: str = "sweep") -> Dict[str, str]:
+    """DIR/<name>.json, .md and .png; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "png")}
+    with open(paths["json"], "w") as f:
+        json.dump(table, f, indent=2)
+    with open(paths["md"], "w") as f:
+        f.write(f"# Threshold sweep: {table['cfg_path']}\n\n" + sweep_markdown(table))
+    plot_sweep(table, paths["png"])
+    return paths
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
+    parser.add_argument("--policies", nargs="+", default=["recompute", "propagate"], help=" | ".join(KV_POLICIES))
+    parser.add_argument("--metric", default=None, help="quality metric (default: CIDEr for captions, accuracy for answers)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    parser = argparse.ArgumentParser(description="Sweep exit thresholds and KV policies against full depth.")
+    add_project_arguments(parser)
+    add_grid_arguments(parser)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    project = project_from_args(args)
+    table = run_sweep(project, args.split, args.thresholds, args.policies, args.confidence, args.min_exit_layer,
+                      args.metric, args.max_samples, args.dataset, progress=not args.no_progress)
+    paths = write_sweep(table, args.out)
+    print(sweep_markdown(table))
+    print(f"sweep written to {paths['md']} ({paths['json']}, {paths['png']})")
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Threshold sweep, calibration and the oracle exit: selection logic on numbers, the oracle on a
+hand-made case and on a real decode, and both commands end to end on a tiny model with random
+exits and a few generated images."""
+import json
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lavis_free.evaluation import calibrate, sweep
+from lavis_free.evaluation.calibrate import select_threshold
+from lavis_free.evaluation.oracle import capture_decodes, oracle_row, oracle_stats, teacher_forced_argmax
+from lavis_free.evaluation.sweep import relative_drop
+from lavis_free.models.blip2_opt_free import Blip2OPTFree
+
+# A synthetic calibration curve: full depth scores 100; quality rises with the threshold.
+CURVE = [(0.5, 80.0), (0.6, 95.0), (0.7, 98.9), (0.8, 99.0), (0.9, 99.5), (0.95, 100.0), (0.99, 100.2)]
+
+
+def _rows(curve):
+    return [{"exit_threshold": t, "quality": q} for t, q in curve]
+
+
+def test_relative_drop():
+    assert relative_drop(99.0, 100.0) == pytest.approx(0.01)
+    assert relative_drop(101.0, 100.0) == pytest.approx(-0.01)
+    assert relative_drop(0.0, 0.0) == 0.0 and relative_drop(-1.0, 0.0) == float("inf")
+
+
+def test_calibration_picks_the_most_aggressive_threshold_within_tolerance():
+    rows = _rows(CURVE)
+    assert select_threshold(rows, 100.0, 0.01)["exit_threshold"] == 0.8  # 98.9 is a 1.1% drop
+    assert select_threshold(rows, 100.0, 0.05)["exit_threshold"] == 0.6
+    assert select_threshold(rows, 100.0, 0.0)["exit_threshold"] == 0.95
+    assert select_threshold(list(reversed(rows)), 100.0, 0.25)["exit_threshold"] == 0.5
+    assert select_threshold(_rows([(0.5, 50.0), (0.9, 90.0)]), 100.0, 0.01) is None
+    for tolerance in (0.0, 0.003, 0.01, 0.02, 0.1):
+        chosen = select_threshold(rows, 100.0, tolerance)
+        assert relative_drop(chosen["quality"], 100.0) <= tolerance
+        assert all(relative_drop(q, 100.0) > tolerance for t, q in CURVE if t < chosen["exit_threshold"])
+    with pytest.raises(ValueError, match="--tolerance"):
+        select_threshold(rows, 100.0, -0.1)
+
+
+def test_oracle_row_on_a_hand_made_case():
+    # exits after decoder layers 2, 5, 8 (run 3, 6, 9 layers) of a 12-layer LM
+    final = [7, 4, 4, 9, 2]
+    exit_tokens = [
+        [-1, 4, 1, 1, 1],  # exit 0 agrees on token 1
+        [-1, 4, 4, 1, 1],  # exit 1 on tokens 1, 2
+        [-1, 4, 4, 9, 1],  # exit 2 on tokens 1, 2, 3; nobody on token 4
+    ]
+    layers, blocks, heads = oracle_row(exit_tokens, final, [2, 5, 8], 12)
+    assert layers == [12, 3, 6, 9, 12]
+    assert blocks == [0, 1, 2, 3, 3]
+    assert heads == [1, 1, 2, 3, 4]
+    layers, blocks, heads = oracle_row(exit_tokens, final, [2, 5, 8], 12, min_exit_layer=5)
+    assert layers == [12, 6, 6, 9, 12] and blocks == [0, 1, 1, 2, 2] and heads == [1, 1, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny_exit_model():
+    cfg = OmegaConf.merge(OmegaConf.load(Blip2OPTFree.default_config_path("tiny")).model, {"exits": {"layers": [2, 5, 8]}})
+    torch.manual_seed(0)
+    return Blip2OPTFree.from_config(cfg).eval()
+
+
+def test_oracle_teacher_forcing_reproduces_the_decode(tiny_exit_model):
+    model = tiny_exit_model
+    torch.manual_seed(3)
+    images = torch.randn(3, 3, 64, 64)
+    with capture_decodes(model) as calls:
+        captions, stats = model.generate({"image": images, "prompt": ["a", "a photo of", ""]}, num_beams=1,
+                                         max_length=8, min_length=6, exit_threshold=2.0, return_exit_stats=True)
+    assert "early_exit_decode" not in model.__dict__ and len(calls) == 1
+    lengths = [len(row) for row in stats["exit_layers"]]
+    per_exit, final = teacher_forced_argmax(model, calls[0], max(lengths))
+    for row, length in enumerate(lengths):
+        assert final[row, :length].tolist() == calls[0].result.tokens[row, :length].tolist()
+    oracle = oracle_stats(model, calls)
+    assert [len(r) for r in oracle["exit_layers"]] == lengths
+    assert any(run < 12 for row in oracle["exit_layers"] for run in row), "the case must include early exits"
+    for row, layers in enumerate(oracle["exit_layers"]):
+        assert layers[0] == 12 and set(layers) <= {3, 6, 9, 12}
+        for t, run in enumerate(layers[1:], start=1):
+            if run < 12:
+                k = [3, 6, 9].index(run)
+                assert per_exit[k, row, t] == final[row, t]
+                assert all(per_exit[j, row, t] != final[row, t] for j in range(k))
+    with capture_decodes(model) as calls:
+        model.generate({"image": images}, num_beams=1, max_length=4, exit_threshold=0.5)
+    with pytest.raises(ValueError, match="full-depth"):
+        oracle_stats(model, calls)
+
+
+@pytest.fixture(scope="module")
+def project_yaml(shapes_data_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("project") / "project.yaml"
+    OmegaConf.save(OmegaConf.create({
+        "model": {"arch": "blip2_opt_free", "model_type": "tiny", "exits": {"layers": [2, 5, 8]}},
+        "datasets": {"shapes_caption": {"build_info": {"storage": shapes_data_dir}}},
+        "run": {"task": "free_captioning", "caption_scorers": ["bleu", "cider"], "batch_size_eval": 2,
+                "num_beams": 1, "max_len": 6, "min_len": 1, "seed": 42},
+    }), path)
+    return str(path)
+
+
+def test_sweep_writes_one_row_per_setting_and_a_plot(project_yaml, tmp_path):
+    paths = sweep.main(["--cfg-path", project_yaml, "--split", "val", "--thresholds", "0.9", "0.0",
+                        "--policies", "recompute", "propagate", "--max-samples", "4", "--threads", "1",
+                        "--out", str(tmp_path), "--no-progress"])
+    with open(paths["json"]) as f:
+        table = json.load(f)
+    assert [(r["kv_policy"], r["exit_threshold"]) for r in table["rows"]] == [
+        ("recompute", 0.0), ("recompute", 0.9), ("propagate", 0.0), ("propagate", 0.9)]
+    assert table["num_samples"] == 4 and table["metric"] == "CIDEr" and table["exit_layers"] == [3, 6, 9]
+    full = table["full_depth"]
+    assert full["avg_exit_layer"] == 12 and full["layer_speedup"] == pytest.approx(1.0)
+    for row in table["rows"]:
+        assert {"Bleu_4", "CIDEr"} <= set(row["metrics"])
+        assert row["wallclock_speedup"] > 0 and row["tokens_per_s"] > 0
+        if row["exit_threshold"] == 0.0:  # every token leaves at the first exit after the prefill token
+            assert row["avg_exit_layer"] < 12 and row["layer_speedup"] > 1
+    assert open(paths["png"], "rb").read(4) == b"\x89PNG"
+    assert open(paths["md"]).read().count("\n| ") == 2 + 4  # header, full depth, 4 rows
+    with pytest.raises(ValueError, match="--thresholds"):
+        sweep.main(["--cfg-path", project_yaml, "--thresholds", "1.5", "--out", str(tmp_path)])
+
+
+def test_calibration_reports_test_split_and_oracle(project_yaml, tmp_path):
+    paths = calibrate.main(["--cfg-path", project_yaml, "--thresholds", "0.0", "0.99", "--policies", "recompute",
+                            "--tolerance", "0.5", "--max-samples", "4", "--threads", "1", "--out", str(tmp_path),
+                            "--no-progress"])
+    with open(paths["json"]) as f:
+        result = json.load(f)
+    calib = result["calibration"]
+    expected = select_threshold(calib["rows"], calib["full_depth"]["quality"], 0.5)
+    assert result["selected"] == {"recompute": None if expected is None else expected["exit_threshold"]}
+    assert result["test"]["split"] == "test" and len(result["test"]["rows"]) == (expected is not None)
+    oracle = result["oracle"]
+    assert oracle["num_tokens"] == result["test"]["full_depth"]["num_tokens"]
+    assert 1 <= oracle["avg_exit_layer"] <= 12 and sum(oracle["histogram"]) == oracle["num_tokens"]
+    for key in ("md", "histogram_png", "calib_sweep_png", "calib_sweep_json"):
+        assert os.path.getsize(paths[key]) > 0
+    with pytest.raises(ValueError, match="--tolerance"):
+        calibrate.main(["--cfg-path", project_yaml, "--tolerance", "2", "--out", str(tmp_path)])
