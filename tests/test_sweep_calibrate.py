@@ -8,9 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lavis_free.evaluation import calibrate, sweep
+from lavis_free.evaluation import calibrate, report, sweep
 from lavis_free.evaluation.calibrate import select_threshold
-from lavis_free.evaluation.oracle import capture_decodes, oracle_row, oracle_stats, teacher_forced_argmax
+from lavis_free.evaluation.oracle import capture_decodes, ideal_costs, oracle_row, oracle_stats, teacher_forced_argmax
 from lavis_free.evaluation.sweep import relative_drop
 from lavis_free.models.blip2_opt_free import Blip2OPTFree
 
@@ -55,6 +55,8 @@ def test_oracle_row_on_a_hand_made_case():
     assert layers == [12, 3, 6, 9, 12]
     assert blocks == [0, 1, 2, 3, 3]
     assert heads == [1, 1, 2, 3, 4]
+    ideal = ideal_costs({"exit_layers": [layers], "exit_blocks_run": [blocks], "heads_run": [heads], "num_layers": 12})
+    assert ideal["exit_blocks_run"] == [[0, 1, 1, 1, 0]] and ideal["heads_run"] == [[1] * 5]
     layers, blocks, heads = oracle_row(exit_tokens, final, [2, 5, 8], 12, min_exit_layer=5)
     assert layers == [12, 6, 6, 9, 12] and blocks == [0, 1, 1, 2, 2] and heads == [1, 1, 1, 2, 3]
 
@@ -128,7 +130,7 @@ def test_sweep_writes_one_row_per_setting_and_a_plot(project_yaml, tmp_path):
         sweep.main(["--cfg-path", project_yaml, "--thresholds", "1.5", "--out", str(tmp_path)])
 
 
-def test_calibration_reports_test_split_and_oracle(project_yaml, tmp_path):
+def test_calibration_reports_test_split_and_oracle_and_the_report_gathers_it(project_yaml, tmp_path):
     paths = calibrate.main(["--cfg-path", project_yaml, "--thresholds", "0.0", "0.99", "--policies", "recompute",
                             "--tolerance", "0.5", "--max-samples", "4", "--threads", "1", "--out", str(tmp_path),
                             "--no-progress"])
@@ -143,5 +145,15 @@ def test_calibration_reports_test_split_and_oracle(project_yaml, tmp_path):
     assert 1 <= oracle["avg_exit_layer"] <= 12 and sum(oracle["histogram"]) == oracle["num_tokens"]
     for key in ("md", "histogram_png", "calib_sweep_png", "calib_sweep_json"):
         assert os.path.getsize(paths[key]) > 0
+    assert oracle["ideal_layer_speedup"] >= oracle["layer_speedup"]
+
+    out = tmp_path / "report"
+    written = report.main(["--calibration", paths["json"], "--out", str(out), "--no-progress"])
+    text = open(written["md"]).read()
+    assert "oracle exit ceiling" in text and "![exit layers](exit_histogram.png)" in text
+    assert (out / "exit_histogram.png").is_file() and (out / "calib_sweep.png").is_file()
+    assert json.load(open(written["json"]))["calibration"]["selected"] == result["selected"]
+    with pytest.raises(FileNotFoundError, match="--sweep"):
+        report.main(["--calibration", paths["json"], "--sweep", str(tmp_path / "nope.json"), "--out", str(out)])
     with pytest.raises(ValueError, match="--tolerance"):
         calibrate.main(["--cfg-path", project_yaml, "--tolerance", "2", "--out", str(tmp_path)])

@@ -11,7 +11,8 @@ prompt, padding), then teacher-forced once through the frozen backbone and every
 engine would do with a perfect exit decision. Cost accounting follows the engine: the first token
 comes from the full-depth prefill and never exits; a token checks the exits allowed by
 `min_exit_layer` in depth order, paying one exit transformer and one head per check, and a token
-no exit agrees on runs every layer and the final head too.
+no exit agrees on runs every layer and the final head too. `ideal_costs` gives the looser ceiling
+of a rule that needs no checks: only the chosen exit's transformer and head are paid.
 """
 from __future__ import annotations
 
@@ -74,6 +75,17 @@ def oracle_row(exit_tokens: Sequence[Sequence[int]], final_tokens: Sequence[int]
             blocks.append(len(allowed))
             heads.append(len(allowed) + 1)
     return layers, blocks, heads
+
+
+def ideal_costs(stats: Dict[str, Any]) -> Dict[str, Any]:
+    """The same exits with no checks on the way: one exit transformer and one head for a token
+    that exits, the final head alone for one that does not."""
+    depth = stats["num_layers"]
+    return {
+        **stats,
+        "exit_blocks_run": [[int(run < depth) for run in row] for row in stats["exit_layers"]],
+        "heads_run": [[1] * len(row) for row in stats["exit_layers"]],
+    }
 
 
 @torch.no_grad()

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The main job: the whole FREE pipeline on the embedded default (shapes_tiny + shapes data), on CPU.
+#
+#   bash run_scripts/demo.sh
+#
+#   1. environment: run_scripts/setup_env.sh (creates/reuses .venv);
+#   2. data: the shapes dataset, seed 0 (python -m lavis_free.datasets.shapes);
+#   3. exit training: FREE exits on the frozen shapes_tiny (train.py, projects/free/shapes_caption.yaml);
+#   4. calibration: threshold x KV-policy sweep on val, the most aggressive threshold within
+#      1% relative CIDEr of full depth, then early exit vs full depth on test, and the oracle exit;
+#   5. exit quality: per-layer accuracy / agreement of the trained exits (teacher-forced, val);
+#   6. report: report.md + report.json + PNGs in $OUT; prints its path and a summary.
+#
+# Settings (environment): OUT (default output/demo/<timestamp>), DATA (default data/shapes),
+# CFG (default projects/free/shapes_caption.yaml), TOLERANCE (default 0.01), VENV (default .venv),
+# SKIP_SETUP=1 with PYTHON=/path/to/python to use an existing environment, OMP_NUM_THREADS
+# (default 1: on a small shared CPU one torch thread is faster for this tiny model).
+# For quick runs: SHAPES_ARGS (e.g. "--train 64 --val 16 --test 16"), TRAIN_OPTIONS (extra
+# train.py --options, e.g. "run.max_epoch=1"), EVAL_ARGS (extra calibrate arguments, e.g.
+# "--max-samples 8 --thresholds 0.5 0.9"), QUALITY_LIMIT (caption pairs scored in step 5).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export VENV="${VENV:-$REPO/.venv}"
+OUT="${OUT:-output/demo/$(date +%Y%m%d%H%M%S)}"
+DATA="${DATA:-data/shapes}"
+CFG="${CFG:-projects/free/shapes_caption.yaml}"
+TOLERANCE="${TOLERANCE:-0.01}"
+QUALITY_LIMIT="${QUALITY_LIMIT:-400}"
+read -r -a SHAPES_EXTRA <<< "${SHAPES_ARGS:-}"
+read -r -a TRAIN_EXTRA <<< "${TRAIN_OPTIONS:-}"
+read -r -a EVAL_EXTRA <<< "${EVAL_ARGS:-}"
+
+start=$(date +%s)
+stage() { echo; echo "== demo [$(( $(date +%s) - start )) s] $*"; }
+
+stage "1/6 environment"
+if [[ "${SKIP_SETUP:-0}" == "1" ]]; then
+    PY="${PYTHON:?SKIP_SETUP=1 needs PYTHON=/path/to/python}"
+    echo "using $PY (setup skipped)"
+else
+    bash run_scripts/setup_env.sh
+    PY="$VENV/bin/python"
+fi
+mkdir -p "$OUT"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
+
+stage "2/6 data: $DATA"
+"$PY" -m lavis_free.datasets.shapes --out "$DATA" --seed 0 "${SHAPES_EXTRA[@]}"
+
+stage "3/6 exit training: $CFG (log: $LOGS/train.log)"
+DATA_OPTION="datasets.shapes_caption.build_info.storage=$DATA"
+"$PY" train.py --cfg-path "$CFG" --job-id exits \
+    --options "run.output_dir=$OUT/train" "$DATA_OPTION" "${TRAIN_EXTRA[@]}" 2>&1 | tee "$LOGS/train.log"
+CKPT=""
+for name in checkpoint_best.pth checkpoint_latest.pth; do
+    if [[ -f "$OUT/train/exits/$name" ]]; then CKPT="$OUT/train/exits/$name"; break; fi
+done
+if [[ -z "$CKPT" ]]; then
+    CKPT="$(ls -t "$OUT"/train/exits/checkpoint_*.pth 2>/dev/null | head -n 1 || true)"
+fi
+if [[ -z "$CKPT" ]]; then
+    echo "demo: training wrote no checkpoint under $OUT/train/exits (see $LOGS/train.log)" >&2
+    exit 1
+fi
+echo "trained exits: $CKPT"
+EXIT_OPTIONS=("model.exits_checkpoint=$(cd "$(dirname "$CKPT")" && pwd)/$(basename "$CKPT")" "$DATA_OPTION")
+
+stage "4/6 calibration on val (tolerance $TOLERANCE), early exit vs full depth on test"
+"$PY" -m lavis_free.evaluation.calibrate --cfg-path "$CFG" \
+    --options "${EXIT_OPTIONS[@]}" "run.caption_scorers=[bleu,cider]" \
+    --calib-split val --test-split test --tolerance "$TOLERANCE" \
+    --out "$OUT/calibration" "${EVAL_EXTRA[@]}" 2>&1 | tee "$LOGS/calibrate.log"
+
+stage "5/6 exit quality of the trained exits (val)"
+"$PY" -m lavis_free.reports.exit_quality --cfg-path "$CFG" --options "$DATA_OPTION" \
+    --free "$CKPT" --split val --limit "$QUALITY_LIMIT" --out "$OUT/exit_quality" 2>&1 | tee "$LOGS/exit_quality.log"
+
+stage "6/6 report"
+"$PY" -m lavis_free.evaluation.report --calibration "$OUT/calibration/calibration.json" \
+    --exit-quality "$OUT/exit_quality/exit_quality.json" --out "$OUT" --no-progress
+
+echo
+echo "demo: done in $(( $(date +%s) - start )) s; report: $(cd "$OUT" && pwd)/report.md"
