@@ -54,17 +54,16 @@ stage "2/6 data: $DATA"
 
 stage "3/6 exit training: $CFG (log: $LOGS/train.log)"
 DATA_OPTION="datasets.shapes_caption.build_info.storage=$DATA"
+# model.exits_checkpoint= : train from the exits' init, not from the exits shipped with the package
 "$PY" train.py --cfg-path "$CFG" --job-id exits \
-    --options "run.output_dir=$OUT/train" "$DATA_OPTION" "${TRAIN_EXTRA[@]}" 2>&1 | tee "$LOGS/train.log"
-CKPT=""
-for name in checkpoint_best.pth checkpoint_latest.pth; do
-    if [[ -f "$OUT/train/exits/$name" ]]; then CKPT="$OUT/train/exits/$name"; break; fi
-done
+    --options "run.output_dir=$OUT/train" "$DATA_OPTION" "model.exits_checkpoint=" \
+    "run.exit_feature_cache=$OUT/train/feature_cache" "${TRAIN_EXTRA[@]}" 2>&1 | tee "$LOGS/train.log"
+RUN_DIR="$OUT/train/exits"
+CKPT="$(ls "$RUN_DIR"/checkpoint_best.pth 2>/dev/null \
+    || ls "$RUN_DIR"/checkpoint_[0-9]*.pth 2>/dev/null | sort -t_ -k2 -n | tail -n 1 \
+    || ls "$RUN_DIR"/checkpoint_latest.pth 2>/dev/null || true)"
 if [[ -z "$CKPT" ]]; then
-    CKPT="$(ls -t "$OUT"/train/exits/checkpoint_*.pth 2>/dev/null | head -n 1 || true)"
-fi
-if [[ -z "$CKPT" ]]; then
-    echo "demo: training wrote no checkpoint under $OUT/train/exits (see $LOGS/train.log)" >&2
+    echo "demo: training wrote no checkpoint under $RUN_DIR (see $LOGS/train.log)" >&2
     exit 1
 fi
 echo "trained exits: $CKPT"

@@ -102,12 +102,13 @@ def project_from_args(args: argparse.Namespace) -> Project:
 
 def split_loader(project: Project, split: str, max_samples: Optional[int] = None, dataset: Optional[str] = None) -> DataLoader:
     """A sequential loader over the first `max_samples` items (all when None) of `split`."""
-    data = project.dataset(split, dataset)
+    full = project.dataset(split, dataset)
+    data = full
     if max_samples is not None:
         if max_samples < 1:
             raise ValueError(f"--max-samples must be >= 1, got {max_samples}")
-        data = Subset(data, range(min(max_samples, len(data))))
-    collate = getattr(project.dataset(split, dataset), "collater", None)
+        data = Subset(full, range(min(max_samples, len(full))))
+    collate = getattr(full, "collater", None)
     return DataLoader(data, batch_size=project.batch_size, shuffle=False, num_workers=0, collate_fn=collate)
 
 
