@@ -110,8 +110,7 @@ class EarlyExitDecoder:
         """Exit k's features for column `last` of these rows (filling its own cache on the way)."""
         cache, module = self.cache, self.exits[k]
         if not module.uses_cache:
-            rows = torch.as_tensor(row_ids, device=cache.states.device)
-            return module.features(self.adapter, cache.states[rows, last], None, None)
+            return module.features(self.adapter, cache.states[cache.rows(row_ids), last], None, None)
         slot = self.exit_slot[k]
         win = cache.window(slot, row_ids, last)
         if win is None:
@@ -224,7 +223,7 @@ class EarlyExitDecoder:
             if len(active) == 0:
                 break
             col = prefix + step - 1
-            rows_t = torch.as_tensor(active, device=tokens.device)
+            rows_t = cache.rows(active)
             cache.positions[rows_t, col] = cache.positions[rows_t, col - 1] + 1
             embeds = adapter.embed_tokens(tokens[rows_t, step - 1 : step])
             cache.states[rows_t, col : col + 1] = adapter.embed(embeds, cache.positions[rows_t, col : col + 1])
@@ -251,7 +250,7 @@ class EarlyExitDecoder:
                 if len(going) == 0:
                     break
             if len(going):
-                rows_t = torch.as_tensor(going, device=tokens.device)
+                rows_t = cache.rows(going)
                 logits = self._suppress_eos(adapter.logits(cache.states[rows_t, col]), step, opts)
                 tokens[rows_t, step] = logits.argmax(-1)
                 for row in going:

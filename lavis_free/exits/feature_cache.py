@@ -13,10 +13,11 @@ per token; with 4 exits, ~47 tokens per caption (32 queries + prompt + caption) 
 captions that is 47 x 2560 x 5 x 2 bytes = 1.2 MB per caption in fp16, about 680 GB in all.
 Reading that back is no faster than the frozen forward pass on a GPU.
 
-The cache is valid only while the backbone, the exit layers, the tokenisation and the image
-preprocessing stay the same: a manifest records a fingerprint of the backbone and the settings,
-and a mismatch is an error. Image augmentation (random crops) makes cached features wrong;
-use a deterministic train `vis_processor` (e.g. `blip_image_eval`) with the cache.
+Samples are keyed by a digest of the processed image and the text, so the directory may be
+shared by runs on other data, and randomly augmented images (random crops) just miss: use a
+deterministic train `vis_processor` (e.g. `blip_image_eval`) for the cache to help. The backbone,
+the exit layers and the tokenisation settings are recorded in a manifest; a run with others is
+an error rather than a silent reuse.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ from lavis_free.exits.early_exits import BackboneOutputs
 
 MANIFEST = "manifest.json"
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-SAMPLE_ID_KEYS = ("image_id", "question_id")
 
 
 class FeatureCacheError(ValueError):
@@ -54,19 +54,19 @@ def backbone_fingerprint(model: nn.Module, trainable_prefix: str = "early_exits.
 
 
 def sample_keys(samples: Mapping[str, Any]) -> List[str]:
-    """One key per sample: the id of its image (or question) and the LM text it is trained on."""
-    id_key = next((k for k in SAMPLE_ID_KEYS if k in samples), None)
-    if id_key is None:
-        raise FeatureCacheError(
-            f"run.exit_feature_cache needs samples with one of {list(SAMPLE_ID_KEYS)} to key them; "
-            f"this batch has {sorted(samples)}"
-        )
-    ids = samples[id_key]
-    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-    texts = samples["text_input"]
-    if len(ids) != len(texts):
-        raise FeatureCacheError(f"batch has {len(ids)} {id_key}s for {len(texts)} text_input entries")
-    return [f"{id_key}={i}\n{t}" for i, t in zip(ids, texts)]
+    """One key per sample: a digest of its processed image and the LM text it is trained on.
+
+    Keyed by content rather than by image id, so a cache directory cannot serve features of
+    another dataset with colliding ids, and randomly augmented images simply miss."""
+    images, texts = samples["image"], samples["text_input"]
+    if images.shape[0] != len(texts):
+        raise FeatureCacheError(f"batch has {images.shape[0]} images for {len(texts)} text_input entries")
+    return [f"{digest}\n{text}" for digest, text in zip(image_digests(images), texts)]
+
+
+def image_digests(images: torch.Tensor) -> List[str]:
+    """A content digest per processed image of a batch [B, ...]."""
+    return [hashlib.sha1(image.detach().contiguous().cpu().numpy().tobytes()).hexdigest() for image in images]
 
 
 class FeatureCache:

@@ -75,12 +75,16 @@ class DecodeCache:
         first = int(filled.min())
         if first > last:
             return None
-        rows: Rows = slice(None) if len(row_ids) == self.batch else torch.as_tensor(row_ids, device=self.keys.device)
+        rows = self.rows(row_ids)
         valid = None
         if (filled != first).any():
             cols = np.arange(first, last + 1)
             valid = torch.as_tensor(cols[None, :] >= filled[:, None], device=self.keys.device)
         return Window(rows, row_ids, first, last, valid)
+
+    def rows(self, row_ids: np.ndarray) -> Rows:
+        """An index for these rows: a plain slice when they are all rows (no gather, no copy)."""
+        return slice(None) if len(row_ids) == self.batch else torch.as_tensor(row_ids, device=self.keys.device)
 
     def kv_store(self, slot: int, win: Window) -> KVStore:
         """Writes the window's new keys/values (only where needed) and returns the slot's cache
@@ -118,7 +122,7 @@ class DecodeCache:
     ) -> None:
         """`propagate` policy: fill the skipped slots at column `col` of exited rows from the
         exited hidden state; `project(slot, hidden, positions)` gives that slot's keys/values."""
-        rows = torch.as_tensor(row_ids, device=self.keys.device)
+        rows = self.rows(row_ids)
         hidden = self.states[rows, col : col + 1]
         positions = self.positions[rows, col : col + 1]
         for slot in skipped_slots:
