@@ -242,8 +242,11 @@ def test_trainer_fills_the_cache_once_and_reads_it_after(free_model, tmp_path):
     assert (cache.misses, cache.hits) == (1, 1)
     for a, b in zip(_valid(first), _valid(second)):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
-    with pytest.raises(FeatureCacheError, match="image_id"):
-        sample_keys({"text_input": ["x"]})
+    keys = sample_keys(samples)
+    assert len(set(keys)) == 4 and sample_keys(samples) == keys
+    changed_image = {**samples, "image": samples["image"].clone()}
+    changed_image["image"][0, 0, 0, 0] += 1
+    assert sample_keys(changed_image)[1:] == keys[1:] and sample_keys(changed_image)[0] != keys[0]
 
 
 def test_bad_cache_settings_are_named():

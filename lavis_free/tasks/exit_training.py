@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lavis_free.common.dist import collective_device
 from lavis_free.exits.early_exits import BackboneOutputs
-from lavis_free.exits.feature_cache import CACHE_DTYPES, FeatureCache, backbone_fingerprint, sample_keys
+from lavis_free.exits.feature_cache import CACHE_DTYPES, FeatureCache, backbone_fingerprint, image_digests, sample_keys
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +285,9 @@ def mask_prompt_labels(host: nn.Module, outputs: BackboneOutputs, samples: Mappi
 class PseudoLabels:
     """`loss.mode: pseudo`: the scored text is the full model's own greedy continuation of the
     prompt (captions: the model's prompt; VQA/dialogue: the question), generated once per
-    (image or question id, prompt) at full depth with exits off, and reused in later epochs."""
+    (image, prompt) at full depth with exits off, and reused in later epochs. Images are
+    identified by content, so datasets need no ids (and a randomly augmented image is labelled
+    anew, as it should be)."""
 
     def __init__(self, max_len: int, min_len: int):
         self.max_len = max_len
@@ -293,14 +295,7 @@ class PseudoLabels:
         self.texts: Dict[Tuple[Any, str], str] = {}
 
     def relabel(self, host: nn.Module, samples: Dict[str, Any]) -> Dict[str, Any]:
-        id_key = next((k for k in ("image_id", "question_id") if k in samples), None)
-        if id_key is None:
-            raise ValueError(
-                f"exits.loss.mode=pseudo needs samples with 'image_id' or 'question_id' (to label each "
-                f"once); this batch has {sorted(samples)}"
-            )
-        ids = samples[id_key]
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        ids = image_digests(samples["image"])
         prompts = list(samples.get(PROMPT_KEY, [getattr(host, "prompt", "").strip()] * len(ids)))
         keys = list(zip(ids, prompts))
         rows = [row for row, key in enumerate(keys) if key not in self.texts and key not in keys[:row]]
