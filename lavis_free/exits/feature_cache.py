@@ -41,15 +41,17 @@ class FeatureCacheError(ValueError):
 
 
 def backbone_fingerprint(model: nn.Module, trainable_prefix: str = "early_exits.") -> str:
-    """A digest of the frozen parameters (name, shape, sum and absolute sum of each), cheap
-    enough for billions of parameters and stable across devices to 6 significant digits."""
+    """A digest of the frozen parameters (name, shape, sum and absolute sum of each): cheap for
+    billions of parameters; rounded to 6 significant digits so that summation order does not
+    matter."""
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.startswith(trainable_prefix):
                 continue
-            values = param.detach().double()
-            digest.update(f"{name}{tuple(param.shape)}{values.sum().item():.6e}{values.abs().sum().item():.6e}".encode())
+            total = param.detach().sum(dtype=torch.float64).item()
+            magnitude = param.detach().abs().sum(dtype=torch.float64).item()
+            digest.update(f"{name}{tuple(param.shape)}{total:.6e}{magnitude:.6e}".encode())
     return digest.hexdigest()
 
 

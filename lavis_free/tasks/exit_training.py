@@ -430,7 +430,19 @@ class ExitTrainingMixin:
         """The batch as the LM is trained on it: answers after their (unscored) prompt, captions as loaded."""
         return answer_lm_samples(samples, getattr(self, "prompt", ""))
 
-    def train_epoch(self, epoch, model, data_loader, optimizer, lr_scheduler, scaler=None, cuda_enabled=False, log_freq=50, accum_grad_iters=1):
+    def train_epoch(
+        self,
+        epoch: int,
+        model: nn.Module,
+        data_loader: Any,
+        optimizer: Any,
+        lr_scheduler: Any,
+        scaler: Optional[torch.amp.GradScaler] = None,
+        cuda_enabled: bool = False,
+        log_freq: int = 50,
+        accum_grad_iters: int = 1,
+    ) -> Dict[str, str]:
+        """LAVIS's signature; exit training when the model has exits."""
         if not has_exits(model):
             return super().train_epoch(
                 epoch=epoch, model=model, data_loader=data_loader, optimizer=optimizer, lr_scheduler=lr_scheduler,
