@@ -9,7 +9,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-import lavis_free  # noqa: F401  (before lavis: the spawned workers import this module without conftest)
 from lavis.common.registry import registry
 from lavis_free.models.early_exit_model import EarlyExitMixin
 from lavis_free.tasks.exit_eval import FULL_DEPTH_THRESHOLD, ExitEvaluator, ExitTally
@@ -151,7 +150,8 @@ def _reduce_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_figures_are_summed_over_two_gloo_processes(tmp_path):
-    mp.spawn(_reduce_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    # fork: the workers inherit the imported modules instead of importing LAVIS again
+    mp.start_processes(_reduce_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     summaries = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert summaries[0] == summaries[1]
     assert summaries[0]["num_tokens"] == 5 and summaries[0]["tokens_per_s"] == pytest.approx(5 / 4.0)
