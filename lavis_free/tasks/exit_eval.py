@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
 import torch.distributed as dist
@@ -121,17 +121,6 @@ class ExitTally:
             out["full_depth_tokens_per_s"] = self.full_tokens / self.full_seconds
             out["wallclock_speedup"] = self.full_seconds / self.seconds
         return out
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def tally_from_stats(stats_list: Sequence[Mapping[str, Any]]) -> ExitTally:
-    """One tally over several stats dicts (e.g. the batches of a split)."""
-    tally = ExitTally()
-    for stats in stats_list:
-        tally.add_stats(stats)
-    return tally
 
 
 def _supports_exit_stats(decode: Callable[..., Any]) -> bool:
