@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 import lavis_free  # noqa: F401  (compat fixes and registrations before lavis is used)
 import lavis.tasks as tasks
-from lavis.common.config import Config
+from lavis_free.common.config import FreeConfig
 from lavis.common.dist_utils import get_rank
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
@@ -83,7 +83,7 @@ def setup_seeds(seed: int) -> None:
 def build_runner(args: argparse.Namespace) -> Any:
     """Config, distributed init, seeds, logger, task, datasets, model -> the configured runner."""
     check_registered_names(args.cfg_path, args.options)
-    cfg = Config(args)
+    cfg = FreeConfig(args)
     init_distributed_mode(cfg.run_cfg)
     setup_seeds(int(cfg.run_cfg.get("seed", 42)))
     setup_logger()

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import lavis_free  # noqa: F401  (compat fixes and registrations before lavis is used)
 import lavis.tasks as lavis_tasks
-from lavis.common.config import Config
+from lavis_free.common.config import FreeConfig
 from lavis.datasets.data_utils import prepare_sample
 
 from lavis_free.common.launch import check_registered_names, setup_seeds
@@ -79,7 +79,7 @@ def load_project(cfg_path: str, options: Sequence[str] = (), device: Optional[st
             raise ValueError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     check_registered_names(cfg_path, options)
-    cfg = Config(argparse.Namespace(cfg_path=cfg_path, options=list(options)))
+    cfg = FreeConfig(argparse.Namespace(cfg_path=cfg_path, options=list(options)))
     setup_seeds(int(cfg.run_cfg.get("seed", 42)))  # as train.py: a random backbone (`tiny`) is rebuilt alike
     task = lavis_tasks.setup_task(cfg)
     if not hasattr(task, "exit_eval"):

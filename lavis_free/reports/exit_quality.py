@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import lavis_free  # noqa: F401  (compat fixes and registrations before lavis is used)
-from lavis.common.config import Config
+from lavis_free.common.config import FreeConfig
 from lavis.common.registry import registry
 from omegaconf import OmegaConf
 from torch import nn
@@ -41,9 +41,9 @@ HEAD_ON_LAYER = "head_on_layer"
 
 # ---- models and data ------------------------------------------------------------------------
 
-def load_config(cfg_path: str, options: Sequence[str] = ()) -> Config:
+def load_config(cfg_path: str, options: Sequence[str] = ()) -> FreeConfig:
     """A LAVIS project config (model and datasets merged with their defaults, as train.py does)."""
-    return Config(SimpleNamespace(cfg_path=cfg_path, options=list(options)))
+    return FreeConfig(SimpleNamespace(cfg_path=cfg_path, options=list(options)))
 
 
 def build_layout_model(model_cfg: Any, layout: str, checkpoint: str, device: str) -> nn.Module:
@@ -81,7 +81,7 @@ def caption_batches(dataset: Any, batch_size: int, device: str, limit: Optional[
         }
 
 
-def eval_dataset(config: Config, split: str) -> Any:
+def eval_dataset(config: FreeConfig, split: str) -> Any:
     """The `split` of the config's first dataset."""
     name = next(iter(config.datasets_cfg))
     datasets = registry.get_builder_class(name)(config.datasets_cfg[name]).build_datasets()
