@@ -1,14 +1,21 @@
 """Trained exits on a backbone: `model.exits_checkpoint`, `load_model(..., checkpoint=)`, the
 shipped shapes_tiny exits, and clear errors for checkpoints of another exit layout."""
+from pathlib import Path
+
 import pytest
 import torch
+from lavis.processors import load_processor
 from omegaconf import OmegaConf
 
 import lavis_free
+from lavis_free.datasets.shapes import generate_item
+from lavis_free.datasets.shapes_scene import render_scene
 from lavis_free.models.blip2_opt_free import Blip2OPTFree
 from lavis_free.models.early_exit_model import ExitCheckpointError
+from lavis_free.reports.exit_quality import HEAD_ON_LAYER, layer_quality
 
 LAYERS = [2, 5, 8]
+AGREEMENT_FLOOR = 0.85  # shipped exits: 0.91-0.94 on these 8 scenes; untrained copies: 0.62-0.84
 
 
 def tiny_cfg(**model):
@@ -99,3 +106,42 @@ def test_load_model_checkpoint_argument_checks_the_exits(inference_file):
 def test_mismatched_checkpoints_name_the_mismatch(inference_file, model, match):
     with pytest.raises(ExitCheckpointError, match=match):
         build(exits_checkpoint=str(inference_file), **model)
+
+
+# ---- the exits shipped with shapes_tiny ---------------------------------------------------------
+
+PACKAGE = Path(lavis_free.__file__).resolve().parent
+PROJECT = Path(__file__).resolve().parents[1] / "projects" / "free" / "shapes_caption.yaml"
+
+
+@pytest.fixture(scope="module")
+def shapes_tiny():
+    return lavis_free.load_model("blip2_opt_free", "shapes_tiny")
+
+
+def test_shapes_tiny_loads_the_shipped_exits_of_the_project_layout(shapes_tiny):
+    cfg = OmegaConf.load(Blip2OPTFree.default_config_path("shapes_tiny")).model
+    shipped = torch.load(PACKAGE / cfg.exits_checkpoint, weights_only=True)
+    assert shipped.keys() == shapes_tiny.inference_state_dict().keys()
+    state = shapes_tiny.state_dict()
+    for key, value in shipped.items():
+        assert torch.equal(state[key], value), key
+    project = OmegaConf.load(PROJECT).model.exits
+    for key in ("layers", "init", "layout", "disc_hidden"):
+        assert project[key] == cfg.exits[key], f"exits.{key} differs between shapes_caption.yaml and the model YAML"
+
+
+def test_shipped_exits_are_trained(shapes_tiny):
+    """On held-out test scenes, teacher-forced on their captions, every trained exit agrees with
+    the final layer far more often than the frozen head read at the same layer."""
+    processor = load_processor("blip_image_eval", OmegaConf.create({"image_size": 64}))
+    items = [generate_item(0, "test", i) for i in range(8)]
+    samples = {
+        "image": torch.stack([processor(render_scene(item.scene)) for item in items]),
+        "text_input": [item.text.captions[0] for item in items],
+    }
+    quality = layer_quality({"free": shapes_tiny}, iter([samples]))
+    head = {row["layers_run"]: row for row in quality[HEAD_ON_LAYER]}
+    for row in quality["free"]:
+        assert row["agreement"] >= AGREEMENT_FLOOR, row
+        assert row["agreement"] > head[row["layers_run"]]["agreement"], (row, head[row["layers_run"]])

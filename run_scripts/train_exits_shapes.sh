@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Train FREE exits and the paper's two baselines on the shipped `shapes_tiny` backbone, export
+# their inference checkpoints (exits only, no discriminators) and write the exit quality report:
+#   1. generate the shapes data (seed 0) into $DATA (default data/shapes) unless it is there;
+#   2. train.py with projects/free/shapes_caption.yaml once per layout: free, no_adversarial,
+#      vanilla (each from the exits' `init`, not from the shipped exits);
+#   3. export OUT_DIR/exits_<layout>.pth with model.inference_state_dict();
+#   4. python -m lavis_free.reports.exit_quality on the val split -> $REPORT
+#      (default output/shapes_exits/report_<time>).
+#
+#   bash run_scripts/train_exits_shapes.sh OUT_DIR [extra train.py --options, e.g. run.max_epoch=1]
+#
+# `bash run_scripts/train_exits_shapes.sh lavis_free/models/assets/shapes_tiny` rebuilds the
+# shipped exits. Uses $PYTHON, else $VENV/bin/python (VENV defaults to .venv). Torch runs on
+# $OMP_NUM_THREADS threads (default 1: on a 2-core machine shared with other jobs one thread is
+# several times faster than two for these tiny models).
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: bash run_scripts/train_exits_shapes.sh OUT_DIR [train.py --options ...]" >&2
+    exit 2
+fi
+OUT="$1"
+shift
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+VENV="${VENV:-$REPO/.venv}"
+PYTHON="${PYTHON:-$VENV/bin/python}"
+if [[ ! -x "$PYTHON" ]]; then
+    echo "train_exits_shapes: no python at $PYTHON; run run_scripts/setup_env.sh or set PYTHON" >&2
+    exit 1
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+DATA="${DATA:-data/shapes}"
+STAMP="$(date +%Y%m%d%H%M%S)"
+REPORT="${REPORT:-output/shapes_exits/report_$STAMP}"
+CFG=projects/free/shapes_caption.yaml
+mkdir -p "$OUT" output/shapes_exits
+
+echo "== 1/4 data: $DATA"
+if [[ ! -f "$DATA/meta.json" ]]; then
+    "$PYTHON" -m lavis_free.datasets.shapes --out "$DATA" --seed 0
+fi
+
+for LAYOUT in free no_adversarial vanilla; do
+    JOB="${LAYOUT}_${STAMP}"
+    RUN_DIR="output/shapes_exits/$JOB"
+    echo "== 2/4 train $LAYOUT exits: $RUN_DIR (log: $RUN_DIR.log)"
+    t0=$(date +%s)
+    "$PYTHON" train.py --cfg-path "$CFG" --job-id "$JOB" \
+        --options "model.exits.layout=$LAYOUT" "model.exits_checkpoint=" \
+        "datasets.shapes_caption.build_info.storage=$DATA" "run.output_dir=output/shapes_exits" \
+        "run.exit_feature_cache=output/shapes_exits/feature_cache" "$@" > "$RUN_DIR.log" 2>&1 \
+        || { tail -n 30 "$RUN_DIR.log" >&2; exit 1; }
+    echo "   $(( $(date +%s) - t0 )) s; $(grep -h 'Train exits.*Total time' "$RUN_DIR.log" | tr '\n' ' ')"
+
+    LAST="$(ls "$RUN_DIR"/checkpoint_*.pth | sort -t_ -k2 -n | tail -n 1)"
+    echo "== 3/4 export $LAST -> $OUT/exits_$LAYOUT.pth"
+    "$PYTHON" - "$CFG" "$LAYOUT" "$LAST" "$OUT/exits_$LAYOUT.pth" <<'EOF'
+import sys
+from types import SimpleNamespace
+
+import torch
+
+import lavis_free  # noqa: F401
+from lavis.common.config import Config
+from lavis.common.registry import registry
+
+cfg_path, layout, checkpoint, out = sys.argv[1:]
+config = Config(SimpleNamespace(cfg_path=cfg_path, options=[f"model.exits.layout={layout}", "model.exits_checkpoint="]))
+model = registry.get_model_class(config.model_cfg.arch).from_config(config.model_cfg)
+model.load_checkpoint(checkpoint)
+torch.save(model.inference_state_dict(), out)
+EOF
+done
+
+echo "== 4/4 exit quality report (val): $REPORT"
+"$PYTHON" -m lavis_free.reports.exit_quality --cfg-path "$CFG" --split val --out "$REPORT" \
+    --free "$OUT/exits_free.pth" --no-adversarial "$OUT/exits_no_adversarial.pth" --vanilla "$OUT/exits_vanilla.pth" \
+    --options "datasets.shapes_caption.build_info.storage=$DATA"
