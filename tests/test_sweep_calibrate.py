@@ -3,6 +3,8 @@ hand-made case and on a real decode, and both commands end to end on a tiny mode
 exits and a few generated images."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -157,3 +159,25 @@ def test_calibration_reports_test_split_and_oracle_and_the_report_gathers_it(pro
         report.main(["--calibration", paths["json"], "--sweep", str(tmp_path / "nope.json"), "--out", str(out)])
     with pytest.raises(ValueError, match="--tolerance"):
         calibrate.main(["--cfg-path", project_yaml, "--tolerance", "2", "--out", str(tmp_path)])
+
+
+def test_demo_runs_every_step_at_toy_size(tmp_path):
+    """The main job (run_scripts/demo.sh) end to end on a few images, in the current environment."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "out"), "DATA": str(tmp_path / "data"), "SKIP_SETUP": "1", "PYTHON": sys.executable,
+        "SHAPES_ARGS": "--train 8 --val 4 --test 4",
+        "TRAIN_OPTIONS": "run.max_epoch=1 run.batch_size_train=4 run.warmup_steps=1",
+        "EVAL_ARGS": "--thresholds 0.5 --policies recompute --no-progress", "QUALITY_LIMIT": "8",
+    }
+    proc = subprocess.run(["bash", "run_scripts/demo.sh"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = [line.split("] ", 1)[1].split(" ", 1)[0] for line in proc.stdout.splitlines() if line.startswith("== demo [")]
+    assert stages == ["1/6", "2/6", "3/6", "4/6", "5/6", "6/6"]
+    report_md = tmp_path / "out" / "report.md"
+    assert f"report: {report_md}" in proc.stdout and "calibrated threshold (recompute" in proc.stdout
+    report_json = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report_json["calibration"]["test"]["num_samples"] == 4 and "exit_quality" in report_json
+    for name in ("exit_histogram.png", "calib_sweep.png", "exit_quality.png"):
+        assert (tmp_path / "out" / name).is_file()
