@@ -66,11 +66,11 @@ from types import SimpleNamespace
 import torch
 
 import lavis_free  # noqa: F401
-from lavis.common.config import Config
 from lavis.common.registry import registry
+from lavis_free.common.config import FreeConfig
 
 cfg_path, layout, checkpoint, out = sys.argv[1:]
-config = Config(SimpleNamespace(cfg_path=cfg_path, options=[f"model.exits.layout={layout}", "model.exits_checkpoint="]))
+config = FreeConfig(SimpleNamespace(cfg_path=cfg_path, options=[f"model.exits.layout={layout}", "model.exits_checkpoint="]))
 model = registry.get_model_class(config.model_cfg.arch).from_config(config.model_cfg)
 model.load_checkpoint(checkpoint)
 torch.save(model.inference_state_dict(), out)

@@ -7,8 +7,10 @@ valid (unpadded) positions; batches are re-padded on load, which gives the exit 
 the inputs of a fresh computation (padding columns are masked as keys, and losses skip them).
 
 When it is worth it: small models and datasets, where the backbone pass is a large part of an
-iteration and the cache fits on a local disk (shapes_tiny: a few MB). When it is not: large
-backbones on large datasets. BLIP-2 OPT-2.7B on COCO captions stores (exits + 1) x 2560 values
+iteration and the cache fits on a local disk. shapes_tiny (12 layers, hidden 128, 3 exits) on the
+10k training captions: 420 MB in float32 (230 MB in float16); on one CPU thread an epoch after
+the first took 59 s instead of 101 s (the first, which fills it, 120 s instead of 113 s). When it
+is not: large backbones on large datasets. BLIP-2 OPT-2.7B on COCO captions stores (exits + 1) x 2560 values
 per token; with 4 exits, ~47 tokens per caption (32 queries + prompt + caption) and 566k training
 captions that is 47 x 2560 x 5 x 2 bytes = 1.2 MB per caption in fp16, about 680 GB in all.
 Reading that back is no faster than the frozen forward pass on a GPU.
