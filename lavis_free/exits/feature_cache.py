@@ -3,8 +3,11 @@
 Why: with the backbone frozen, the hidden states at the exit layers and the final features of a
 training sample never change, so every epoch after the first can read them instead of running
 the vision encoder, the Q-Former and the whole LM again. One file per sample holds only its
-valid (unpadded) positions; batches are re-padded on load, which gives the exit layers exactly
-the inputs of a fresh computation (padding columns are masked as keys, and losses skip them).
+valid (unpadded) positions; batches are re-padded on load, which gives the exit layers the
+inputs of a fresh computation (padding columns are masked as keys, and losses skip them). Equal
+up to float rounding: a fresh computation itself differs in the last bits from batch to batch
+(matmul and attention reductions depend on the padded width), so training with the cache follows
+the same path as without it only until such differences grow.
 
 When it is worth it: small models and datasets, where the backbone pass is a large part of an
 iteration and the cache fits on a local disk. shapes_tiny (12 layers, hidden 128, 3 exits) on the
