@@ -31,7 +31,7 @@ from lavis_free.evaluation.runs import (
 from lavis_free.exits.config import KV_POLICIES
 from lavis_free.tasks.exit_eval import FULL_DEPTH_THRESHOLD
 
-DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+DEFAULT_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
 def relative_drop(quality: float, reference: float) -> float:
