@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lavis_free.evaluation import calibrate, report, sweep
+from lavis_free.evaluation import oracle as oracle_cli
 from lavis_free.evaluation.calibrate import select_threshold
 from lavis_free.evaluation.oracle import capture_decodes, ideal_costs, oracle_row, oracle_stats, teacher_forced_argmax
 from lavis_free.evaluation.sweep import relative_drop
@@ -148,6 +149,9 @@ def test_calibration_reports_test_split_and_oracle_and_the_report_gathers_it(pro
     for key in ("md", "histogram_png", "calib_sweep_png", "calib_sweep_json"):
         assert os.path.getsize(paths[key]) > 0
     assert oracle["ideal_layer_speedup"] >= oracle["layer_speedup"]
+    alone = oracle_cli.main(["--cfg-path", project_yaml, "--split", "test", "--max-samples", "4", "--threads", "1",
+                             "--out", str(tmp_path / "oracle"), "--no-progress"])
+    assert alone["histogram"] == oracle["histogram"] and (tmp_path / "oracle" / "oracle_histogram.png").is_file()
 
     out = tmp_path / "report"
     written = report.main(["--calibration", paths["json"], "--out", str(out), "--no-progress"])

@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from tqdm import tqdm
 
-from lavis_free.evaluation.oracle import capture_decodes, ideal_costs, oracle_stats
+from lavis_free.evaluation.oracle import capture_decodes, oracle_figures, oracle_stats
 from lavis_free.evaluation.plots import plot_exit_histograms
 from lavis_free.evaluation.runs import Project, add_project_arguments, project_from_args, run_setting, split_loader, warm_up
 from lavis_free.evaluation.sweep import (
@@ -30,7 +30,7 @@ from lavis_free.evaluation.sweep import (
     sweep_markdown,
     write_sweep,
 )
-from lavis_free.tasks.exit_eval import FULL_DEPTH_THRESHOLD, ExitTally
+from lavis_free.tasks.exit_eval import FULL_DEPTH_THRESHOLD
 
 
 def check_tolerance(tolerance: float) -> None:
@@ -44,17 +44,6 @@ def select_threshold(rows: Sequence[Mapping[str, Any]], reference_quality: float
     check_tolerance(tolerance)
     within = [r for r in rows if relative_drop(r["quality"], reference_quality) <= tolerance]
     return min(within, key=lambda r: r["exit_threshold"]) if within else None
-
-
-def oracle_figures(stats: Mapping[str, Any]) -> Dict[str, Any]:
-    """Oracle summary with the engine's costs, plus the check-free ideal layer speedup."""
-    engine, ideal = ExitTally(), ExitTally()
-    engine.add_stats(stats)
-    ideal.add_stats(ideal_costs(dict(stats)))
-    figures = {**engine.summary(), "histogram": engine.histogram}
-    if ideal.tokens:
-        figures["ideal_layer_speedup"] = ideal.summary()["layer_speedup"]
-    return figures
 
 
 def run_calibration(project: Project, calib_split: str, test_split: str, tolerance: float, thresholds: Sequence[float],

@@ -1,5 +1,9 @@
 """The oracle exit: per token, the earliest exit whose argmax agrees with the final layer's token.
 
+    python -m lavis_free.evaluation.oracle --cfg-path projects/free/shapes_caption.yaml --split test --out DIR
+
+writes DIR/oracle.json (average exit layer, layer speedups, histogram) and DIR/oracle_histogram.png.
+
 Why: it is the ceiling of any confidence rule over these exits. An oracle that knew where each
 token's exits first agree with full depth would emit exactly the full-depth greedy output (zero
 quality loss) while running the fewest layers this exit placement allows.
@@ -16,13 +20,19 @@ of a rule that needs no checks: only the chosen exit's transformer and head are 
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from lavis_free.evaluation.plots import plot_exit_histograms
+from lavis_free.evaluation.runs import add_project_arguments, decode_split, project_from_args, split_loader
 from lavis_free.exits.engine import DecodeOptions, DecodeResult
+from lavis_free.tasks.exit_eval import FULL_DEPTH_THRESHOLD, ExitTally
 
 
 @dataclass
@@ -134,3 +144,42 @@ def oracle_stats(model: torch.nn.Module, calls: Sequence[DecodeCall]) -> Dict[st
             stats["exit_blocks_run"].append(blocks)
             stats["heads_run"].append(heads)
     return stats
+
+
+def oracle_figures(stats: Mapping[str, Any]) -> Dict[str, Any]:
+    """Oracle summary with the engine's costs, plus the check-free ideal layer speedup."""
+    engine, ideal = ExitTally(), ExitTally()
+    engine.add_stats(stats)
+    ideal.add_stats(ideal_costs(dict(stats)))
+    figures = {**engine.summary(), "histogram": engine.histogram}
+    if ideal.tokens:
+        figures["ideal_layer_speedup"] = ideal.summary()["layer_speedup"]
+    return figures
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(description="Oracle exit ceiling: earliest exit agreeing with full depth, per token.")
+    add_project_arguments(parser)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+    project = project_from_args(args)
+    loader = split_loader(project, args.split, args.max_samples, args.dataset)
+    settings = {"exit_threshold": FULL_DEPTH_THRESHOLD, "min_exit_layer": args.min_exit_layer}
+    with capture_decodes(project.model) as calls:
+        decode_split(project, loader, settings, f"full depth {args.split}", progress=not args.no_progress)
+    figures = {"cfg_path": args.cfg_path, "split": args.split, "num_samples": len(loader.dataset),
+               **oracle_figures(oracle_stats(project.model, calls))}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "oracle.json"), "w") as f:
+        json.dump(figures, f, indent=2)
+    plot_exit_histograms({"oracle": figures["histogram"]}, os.path.join(args.out, "oracle_histogram.png"),
+                         f"Oracle exit layers on {args.split}")
+    print(f"oracle on {args.split} ({figures['num_samples']} samples): avg exit layer {figures['avg_exit_layer']:.2f}, "
+          f"layer speedup {figures['layer_speedup']:.2f}x ({figures['ideal_layer_speedup']:.2f}x without exit checks)")
+    print(f"written to {os.path.join(args.out, 'oracle.json')}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
