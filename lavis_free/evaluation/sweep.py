@@ -3,6 +3,8 @@
     python -m lavis_free.evaluation.sweep --cfg-path projects/free/shapes_caption.yaml --split val \
         --thresholds 0.5 0.6 0.7 0.8 0.9 0.95 0.99 --policies recompute propagate --out DIR
 
+Caption quality uses the task's `run.caption_scorers`; METEOR starts a JVM per scoring (about 25 s
+each on 2 cores), so add `--options "run.caption_scorers=[bleu,cider]"` for quick sweeps.
 Writes DIR/sweep.json, DIR/sweep.md and DIR/sweep.png (quality against layer-count and wall-clock
 speedup, one curve per policy, the full-depth point). Every row decodes the same samples; the
 full-depth row (exits disabled) is decoded first and is the reference of each row's relative
