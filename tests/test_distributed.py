@@ -14,7 +14,7 @@ def test_two_process_gloo_training_and_evaluation(shapes_data_dir, tmp_path):
         str(REPO / "train.py"), "--cfg-path", str(REPO / "projects/free/shapes_caption.yaml"),
         "--job-id", "gloo",
         "--options", f"datasets.shapes_caption.build_info.storage={shapes_data_dir}",
-        "run.batch_size_train=8", "run.batch_size_eval=4", "run.valid_splits=[]",
+        "run.max_epoch=1", "run.batch_size_train=8", "run.batch_size_eval=4", "run.valid_splits=[]",
         "run.test_splits=[test]", "run.report_metric=False", "run.max_len=5",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
