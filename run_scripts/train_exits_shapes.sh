@@ -37,6 +37,11 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 DATA="${DATA:-data/shapes}"
 STAMP="$(date +%Y%m%d%H%M%S)"
 REPORT="${REPORT:-output/shapes_exits/report_$STAMP}"
+# A fresh feature cache per run, shared by the three layouts (same backbone, same exit layers) and
+# deleted at the end: a cache left by an earlier run would give the first epoch features computed
+# in other batches, equal only up to float rounding, and the exits would not be reproduced bit
+# for bit.
+CACHE="output/shapes_exits/feature_cache_$STAMP"
 CFG=projects/free/shapes_caption.yaml
 mkdir -p "$OUT" output/shapes_exits
 
@@ -53,7 +58,7 @@ for LAYOUT in free no_adversarial vanilla; do
     "$PYTHON" train.py --cfg-path "$CFG" --job-id "$JOB" \
         --options "model.exits.layout=$LAYOUT" "model.exits_checkpoint=" \
         "datasets.shapes_caption.build_info.storage=$DATA" "run.output_dir=output/shapes_exits" \
-        "run.exit_feature_cache=output/shapes_exits/feature_cache" "$@" > "$RUN_DIR.log" 2>&1 \
+        "run.exit_feature_cache=$CACHE" "$@" > "$RUN_DIR.log" 2>&1 \
         || { tail -n 30 "$RUN_DIR.log" >&2; exit 1; }
     echo "   $(( $(date +%s) - t0 )) s; $(grep -h 'Train exits.*Total time' "$RUN_DIR.log" | tr '\n' ' ')"
 
@@ -81,3 +86,4 @@ echo "== 4/4 exit quality report (val): $REPORT"
 "$PYTHON" -m lavis_free.reports.exit_quality --cfg-path "$CFG" --split val --out "$REPORT" \
     --free "$OUT/exits_free.pth" --no-adversarial "$OUT/exits_no_adversarial.pth" --vanilla "$OUT/exits_vanilla.pth" \
     --options "datasets.shapes_caption.build_info.storage=$DATA"
+rm -rf "$CACHE"
