@@ -258,14 +258,16 @@ def test_train_then_evaluate_scripts_with_the_tiny_model(in_tmp_dir, shapes_data
     options = [
         f"datasets.shapes_caption.build_info.storage={shapes_data_dir}", "run.batch_size_train=8",
         "run.batch_size_eval=8", "run.valid_splits=[]", "run.test_splits=[test]", "run.report_metric=False",
-        "run.max_len=5",
+        "run.max_len=5", "run.max_epoch=1",
     ]
     library_root = Path(registry.get_path("library_root"))
     lavis_files_before = {p for p in library_root.rglob("*") if "__pycache__" not in p.parts}
     _run_script("train.py", monkeypatch, "--job-id", "trained", "--options", *options, "run.test_splits=[]")
     trained = in_tmp_dir / "output" / "shapes_caption" / "trained"
     checkpoint = torch.load(trained / "checkpoint_0.pth", weights_only=True)
-    assert checkpoint["model"] and set(checkpoint["optimizers"]) == {"main"}
+    # shapes_caption.yaml trains FREE exits: one optimizer for the exits, one for the discriminators
+    assert checkpoint["model"] and set(checkpoint["optimizers"]) == {"generator", "discriminator"}
+    assert all(key.startswith("early_exits.") for key in checkpoint["model"])
     assert checkpoint["epoch"] == 0 and not list((trained / "result").iterdir())
 
     _run_script("evaluate.py", monkeypatch, "--job-id", "evaluated", "--options", *options)
