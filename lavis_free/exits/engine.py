@@ -7,8 +7,9 @@ the exit decision is made) lets rows whose confidence reaches the threshold emit
 stop. Keys/values those rows skipped are filled by the cache's policy (see kv_cache.py).
 
 Batch semantics: every row decides for itself. A slot runs only on the rows still going at that
-depth (the others are gathered out), so rows that exited or finished do not pay for deeper
-layers. With `recompute`, a row's window also carries its pending columns; rows with shorter
+depth (the others are gathered out), so rows that exited do not pay for deeper layers; rows that
+finished (EOS) stop computing once they are more than half the batch (before that, gathering the
+others costs more than computing them; their tokens are padding either way). With `recompute`, a row's window also carries its pending columns; rows with shorter
 windows are masked within the batched call.
 
 With exits disabled (threshold above 1) the engine is plain full-depth greedy decoding and gives
@@ -67,7 +68,7 @@ class DecodeOptions:
 @dataclass
 class DecodeResult:
     tokens: torch.Tensor  # [B, T] generated ids, pad after EOS
-    layers_run: List[List[int]]  # decoder layers run per emitted token
+    layers_run: List[List[int]]  # decoder layers run per step the row took part in (EOS trims it)
     exit_blocks_run: List[List[int]]  # exit transformers run per emitted token
     heads_run: List[List[int]]  # head applications (exit checks + final) per emitted token
     num_layers: int
@@ -219,9 +220,12 @@ class EarlyExitDecoder:
             layer: k for layer, k in self.exit_after.items() if layer + 1 >= opts.min_exit_layer
         } if use_exits else {}
         for step in range(1, opts.max_new_tokens):
-            active = np.flatnonzero(~finished)
-            if len(active) == 0:
+            unfinished = np.flatnonzero(~finished)
+            if len(unfinished) == 0:
                 break
+            # Finished rows keep computing (their tokens become padding) while they are at most
+            # half the batch: gathering the others out of the cache would cost more.
+            active = unfinished if 2 * len(unfinished) <= batch else np.arange(batch)
             col = prefix + step - 1
             rows_t = cache.rows(active)
             cache.positions[rows_t, col] = cache.positions[rows_t, col - 1] + 1
@@ -259,6 +263,8 @@ class EarlyExitDecoder:
             for row in active:
                 exit_blocks_run[row].append(int(blocks[row]))
                 heads_run[row].append(int(blocks[row]) + (row in reached_head))
+            done_before = torch.as_tensor(finished, device=tokens.device)
+            tokens[:, step].masked_fill_(done_before, opts.pad_token_id)
             finished |= (tokens[:, step] == opts.eos_token_id).cpu().numpy()
 
         return DecodeResult(
