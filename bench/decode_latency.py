@@ -88,20 +88,32 @@ def load_split(data_dir: Path, split: str, limit: int) -> List[dict]:
     return json.loads(path.read_text())[:limit]
 
 
-def run(decode: Callable[[torch.Tensor], List[str]], images: List[torch.Tensor], batch: int, device, repeats: int):
-    """Median wall time over `repeats` passes over all images, the captions, and peak memory."""
-    decode(torch.stack(images[:batch]).to(device))  # warm-up
-    times, captions = [], []
+def one_pass(decode: Callable[[torch.Tensor], List[str]], images: List[torch.Tensor], batch: int, device):
+    """Wall time of one pass over all images, its captions, and its peak memory."""
+    captions = []
     with PeakRSS(device) as memory:
-        for _ in range(repeats):
-            captions = []
-            start = time.perf_counter()
-            for i in range(0, len(images), batch):
-                captions += decode(torch.stack(images[i : i + batch]).to(device))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), captions, memory.peak
+        start = time.perf_counter()
+        for i in range(0, len(images), batch):
+            captions += decode(torch.stack(images[i : i + batch]).to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return seconds, captions, memory.peak
+
+
+def run_interleaved(configs: Dict[str, Callable], images: List[torch.Tensor], batch: int, device, repeats: int):
+    """Each repeat times every config once, in turn, so that drift in machine load hits all
+    configs alike; returns per config the median time, the captions and the peak memory."""
+    for decode in configs.values():
+        decode(torch.stack(images[:batch]).to(device))  # warm-up
+    times = {name: [] for name in configs}
+    outputs = {}
+    for _ in tqdm(range(repeats), desc=f"batch {batch}"):
+        for name, decode in configs.items():
+            seconds, captions, peak = one_pass(decode, images, batch, device)
+            times[name].append(seconds)
+            outputs[name] = (captions, max(peak, outputs.get(name, (None, 0))[1]))
+    return {name: (statistics.median(times[name]), *outputs[name]) for name in configs}
 
 
 def main() -> None:
@@ -149,8 +161,8 @@ def main() -> None:
 
     results = []
     for batch in args.batch_sizes:
-        for name, decode in tqdm(configs.items(), desc=f"batch {batch}"):
-            seconds, captions, peak = run(decode, images, batch, device, args.repeats)
+        measured = run_interleaved(configs, images, batch, device, args.repeats)
+        for name, (seconds, captions, peak) in measured.items():
             tokens = sum(len(model.opt_tokenizer(c, add_special_tokens=False).input_ids) + 1 for c in captions)
             predictions = [{"image_id": r["image_id"], "caption": c} for r, c in zip(rows, captions)]
             metrics = caption_metrics(predictions, str(gt_path), scorers=("cider",))
