@@ -88,6 +88,8 @@ class EarlyExitDecoder:
             if module.uses_cache:
                 self.exit_slot[k] = num_layers + len(self.exit_slot)
         self.exit_after = {layer: k for k, layer in enumerate(self.exit_layers)}
+        # The decoder layer that fills each slot's keys/values (backbone layers, then exit layers).
+        self.slot_layers = list(adapter.layers) + [self.exits[k].layer for k in self.exit_slot]
         self.cache: Optional[DecodeCache] = None
 
     # -- running one slot -------------------------------------------------------------------
@@ -137,11 +139,7 @@ class EarlyExitDecoder:
         return decode_mask(key_valid, win.first, win.last)
 
     def _project(self, slot: int, hidden: torch.Tensor, positions: torch.Tensor):
-        num_layers = self.adapter.num_layers
-        if slot < num_layers:
-            return self.adapter.kv_projection(self.adapter.layers[slot], hidden, positions)
-        k = next(k for k, s in self.exit_slot.items() if s == slot)
-        return self.adapter.kv_projection(self.exits[k].layer, hidden, positions)
+        return self.adapter.kv_projection(self.slot_layers[slot], hidden, positions)
 
     # -- decisions ----------------------------------------------------------------------------
     def _decide_exits(

@@ -508,13 +508,10 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         path = cfg.get(key)
         if not path:
             logging.info("model.%s is empty: weights stay as initialised", key)
-            self.load_exits_from_config(cfg)
-            return
-        path = resolve_checkpoint(path, key)
-        if key == "finetuned":
-            self.load_checkpoint(url_or_filename=path)
+        elif key == "finetuned":
+            self.load_checkpoint(url_or_filename=resolve_checkpoint(path, key))
         else:
-            self.load_from_pretrained(url_or_filename=path, **kwargs)
+            self.load_from_pretrained(url_or_filename=resolve_checkpoint(path, key), **kwargs)
         self.load_exits_from_config(cfg)
 
     def load_exits_from_config(self, cfg: Mapping[str, Any]) -> None:
