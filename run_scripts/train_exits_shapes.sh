@@ -4,7 +4,7 @@
 #   1. generate the shapes data (seed 0) into $DATA (default data/shapes) unless it is there;
 #   2. train.py with projects/free/shapes_caption.yaml once per layout: free, no_adversarial,
 #      vanilla (each from the exits' `init`, not from the shipped exits);
-#   3. export OUT_DIR/exits_<layout>.pth with model.inference_state_dict();
+#   3. export OUT_DIR/exits_<layout>.pth with model.inference_checkpoint() (exits + their layout and backbone fingerprint);
 #   4. python -m lavis_free.reports.exit_quality on the val split -> $REPORT
 #      (default output/shapes_exits/report_<time>).
 #
@@ -37,13 +37,16 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 DATA="${DATA:-data/shapes}"
 STAMP="$(date +%Y%m%d%H%M%S)"
 REPORT="${REPORT:-output/shapes_exits/report_$STAMP}"
-# A fresh feature cache per run, shared by the three layouts (same backbone, same exit layers) and
-# deleted at the end: a cache left by an earlier run would give the first epoch features computed
-# in other batches, equal only up to float rounding, and the exits would not be reproduced bit
-# for bit.
-CACHE="output/shapes_exits/feature_cache_$STAMP"
+# A fresh feature cache per run (about 420 MB), shared by the three layouts (same backbone, same
+# exit layers), in a temporary directory under $TMPDIR (default /tmp) removed when the script
+# exits, however it exits: a cache left by an earlier run would give the first epoch features
+# computed in other batches, equal only up to float rounding, and the exits would not be
+# reproduced bit for bit.
+CACHE="$(mktemp -d -t lavis_free_exit_features.XXXXXX)"
+trap 'rm -rf "$CACHE"' EXIT
 CFG=projects/free/shapes_caption.yaml
 mkdir -p "$OUT" output/shapes_exits
+echo "feature cache (removed at exit): $CACHE"
 
 echo "== 1/4 data: $DATA"
 if [[ ! -f "$DATA/meta.json" ]]; then
@@ -77,8 +80,8 @@ from lavis_free.common.config import FreeConfig
 cfg_path, layout, checkpoint, out = sys.argv[1:]
 config = FreeConfig(SimpleNamespace(cfg_path=cfg_path, options=[f"model.exits.layout={layout}", "model.exits_checkpoint="]))
 model = registry.get_model_class(config.model_cfg.arch).from_config(config.model_cfg)
-model.load_checkpoint(checkpoint)
-torch.save(model.inference_state_dict(), out)
+model.load_checkpoint(checkpoint, origin="runner checkpoint of exit training")
+torch.save(model.inference_checkpoint(), out)
 EOF
 done
 
@@ -86,4 +89,3 @@ echo "== 4/4 exit quality report (val): $REPORT"
 "$PYTHON" -m lavis_free.reports.exit_quality --cfg-path "$CFG" --split val --out "$REPORT" \
     --free "$OUT/exits_free.pth" --no-adversarial "$OUT/exits_no_adversarial.pth" --vanilla "$OUT/exits_vanilla.pth" \
     --options "datasets.shapes_caption.build_info.storage=$DATA"
-rm -rf "$CACHE"

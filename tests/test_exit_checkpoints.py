@@ -1,5 +1,8 @@
-"""Trained exits on a backbone: `model.exits_checkpoint`, `load_model(..., checkpoint=)`, the
-shipped shapes_tiny exits, and clear errors for checkpoints of another exit layout."""
+"""Trained exits on a backbone: `model.exits_checkpoint`, `load_model(..., checkpoint=)`, runner
+checkpoints, the shipped shapes_tiny exits, and clear errors for checkpoints of another exit
+layout or backbone."""
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,8 +11,10 @@ from lavis.processors import load_processor
 from omegaconf import OmegaConf
 
 import lavis_free
+from lavis_free.common.launch import build_runner, parse_args
 from lavis_free.datasets.shapes import generate_item
 from lavis_free.datasets.shapes_scene import render_scene
+from lavis_free.exits.feature_cache import backbone_fingerprint
 from lavis_free.models.blip2_opt_free import Blip2OPTFree
 from lavis_free.models.early_exit_model import ExitCheckpointError
 from lavis_free.reports.exit_quality import HEAD_ON_LAYER, layer_quality
@@ -56,16 +61,26 @@ def trained():
 @pytest.fixture(scope="module")
 def inference_file(trained, tmp_path_factory):
     path = tmp_path_factory.mktemp("exits") / "exits.pth"
+    torch.save(trained.inference_checkpoint(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def legacy_file(trained, tmp_path_factory):
+    """An exits file as exported before checkpoints recorded `exit_metadata()` (the shipped ones)."""
+    path = tmp_path_factory.mktemp("exits") / "legacy.pth"
     torch.save(trained.inference_state_dict(), path)
     return path
 
 
 def test_inference_checkpoint_holds_exits_without_discriminators(trained):
-    state = trained.inference_state_dict()
+    checkpoint = trained.inference_checkpoint()
+    state = checkpoint["model"]
     assert any(k.startswith("early_exits.exits.") for k in state)
     assert not any("discriminators" in k for k in state)
     assert not any(k.startswith(("opt_model.", "visual_encoder.", "Qformer.")) for k in state)
     assert state["exit_layers"].tolist() == LAYERS
+    assert checkpoint["exits"] == {"layers": LAYERS, "layout": "free", "lm_layers": 12, "backbone": backbone_fingerprint(trained)}
 
 
 def test_exits_checkpoint_key_loads_exits_onto_the_backbone(trained, inference_file):
@@ -97,15 +112,70 @@ def test_load_model_checkpoint_argument_checks_the_exits(inference_file):
 @pytest.mark.parametrize(
     "model, match",
     [
-        ({"exits": {"layers": [1, 5, 8]}}, r"exits after layers \[2, 5, 8\].*model.exits.layers=\[1, 5, 8\]"),
-        ({"exits": {"layers": LAYERS, "layout": "vanilla"}}, r"does not match exit layout 'vanilla'"),
+        ({"exits": {"layers": [1, 4, 7]}}, r"exits after layers \[2, 5, 8\], this model has model.exits.layers=\[1, 4, 7\]"),
+        ({"exits": {"layers": LAYERS, "layout": "vanilla"}}, r"exits of layout 'free', this model has model.exits.layout='vanilla'"),
+        ({"opt_config": {"num_hidden_layers": 10}}, r"an LM depth \(decoder layers\) of 12, this model has LM decoder layers=10"),
         ({"opt_config": {"hidden_size": 64}}, r"has shape .*64.* \(a checkpoint of another architecture\)"),
     ],
-    ids=["other-layers", "other-layout", "other-hidden-size"],
+    ids=["other-layers", "other-layout", "other-lm-depth", "other-hidden-size"],
 )
-def test_mismatched_checkpoints_name_the_mismatch(inference_file, model, match):
-    with pytest.raises(ExitCheckpointError, match=match):
+def test_mismatched_checkpoints_name_the_file_and_the_mismatch(inference_file, model, match):
+    with pytest.raises(ExitCheckpointError, match=rf"{re.escape(str(inference_file))} \(model.exits_checkpoint\).* {match}"):
         build(exits_checkpoint=str(inference_file), **model)
+
+
+def test_exits_of_another_backbone_are_refused(inference_file):
+    torch.manual_seed(1)
+    other = Blip2OPTFree.from_config(tiny_cfg())
+    with pytest.raises(ExitCheckpointError, match=r"exits trained on another backbone \(fingerprint \w{12}, this model's \w{12}\)"):
+        other.load_checkpoint(str(inference_file))
+
+
+def test_files_that_predate_the_metadata_load_when_their_exit_layers_match(trained, legacy_file):
+    assert_same_exits(build(exits_checkpoint=str(legacy_file)), trained)
+    with pytest.raises(ExitCheckpointError, match=r"exits after layers \[2, 5, 8\], this model has model.exits.layers=\[1, 4, 7\]"):
+        build(exits_checkpoint=str(legacy_file), exits={"layers": [1, 4, 7]})
+
+
+def test_the_fingerprint_ignores_float16_rounding():
+    """LAVIS runs OPT and the ViT in fp16 on GPU: exits trained there must load onto the same
+    weights in fp32 on CPU, and not onto other weights."""
+    fp16 = build()
+    fp16.opt_model.half()
+    fp16.visual_encoder.half()
+    torch.manual_seed(1)
+    other = Blip2OPTFree.from_config(tiny_cfg())
+    assert backbone_fingerprint(fp16) == backbone_fingerprint(build()) != backbone_fingerprint(other)
+
+
+# ---- runner checkpoints: recorded at save, checked on resume and on the best-model reload --------
+
+def runner(data_dir, job_id, layers):
+    options = [
+        "model.model_type=tiny", "model.load_finetuned=False", "model.exits_checkpoint=", f"model.exits.layers={layers}",
+        f"datasets.shapes_caption.build_info.storage={data_dir}", "run.max_epoch=1", "run.batch_size_train=8",
+        "run.valid_splits=[]", "run.test_splits=[]",
+    ]
+    return build_runner(parse_args("test", ["--cfg-path", str(PROJECT), "--job-id", job_id, "--options", *options]))
+
+
+def test_runner_checkpoints_record_the_exits_and_refuse_another_layout(shapes_data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    saved = runner(shapes_data_dir, "saved", "[2,5,8]")
+    saved._save_checkpoint(0)
+    path = Path(saved.output_dir) / "checkpoint_0.pth"
+    exits = torch.load(path, weights_only=True)["exits"]
+    assert exits == saved.unwrap_dist_model(saved.model).exit_metadata() and exits["layers"] == LAYERS
+
+    other = runner(shapes_data_dir, "other", "[1,4,7]")
+    match = r"exits after layers \[2, 5, 8\], this model has model.exits.layers=\[1, 4, 7\]"
+    with pytest.raises(ExitCheckpointError, match=rf"{re.escape(str(path))} \(run.resume_ckpt_path\) has {match}"):
+        other._load_checkpoint(str(path))
+    shutil.copy(path, Path(other.output_dir) / "checkpoint_best.pth")
+    with pytest.raises(ExitCheckpointError, match=rf"\(best checkpoint of this run\) has {match}"):
+        other._reload_best_model(other.unwrap_dist_model(other.model))
+    with pytest.raises(ExitCheckpointError, match=rf"\(load_model\(checkpoint=\)\) has {match}"):
+        other.unwrap_dist_model(other.model).load_checkpoint(str(path))
 
 
 # ---- the exits shipped with shapes_tiny ---------------------------------------------------------
@@ -121,7 +191,9 @@ def shapes_tiny():
 
 def test_shapes_tiny_loads_the_shipped_exits_of_the_project_layout(shapes_tiny):
     cfg = OmegaConf.load(Blip2OPTFree.default_config_path("shapes_tiny")).model
-    shipped = torch.load(PACKAGE / cfg.exits_checkpoint, weights_only=True)
+    checkpoint = torch.load(PACKAGE / cfg.exits_checkpoint, weights_only=True)
+    assert checkpoint["exits"] == shapes_tiny.exit_metadata()
+    shipped = checkpoint["model"]
     assert shipped.keys() == shapes_tiny.inference_state_dict().keys()
     state = shapes_tiny.state_dict()
     for key, value in shipped.items():

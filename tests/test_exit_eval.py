@@ -152,7 +152,7 @@ def _reduce_worker(rank: int, port: int, out_dir: str) -> None:
 def test_figures_are_summed_over_two_gloo_processes(tmp_path):
     # fork: the workers inherit the imported modules instead of importing LAVIS again
     mp.start_processes(_reduce_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
-    summaries = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    summaries = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert summaries[0] == summaries[1]
     assert summaries[0]["num_tokens"] == 5 and summaries[0]["tokens_per_s"] == pytest.approx(5 / 4.0)
     assert summaries[0]["layer_speedup"] == pytest.approx(FULL_COST / RUN_COST)

@@ -23,7 +23,7 @@ def checkpoints(tmp_path_factory):
                               {"exits": {"layers": LAYERS, "layout": layout}})
         torch.manual_seed(0)
         paths[layout] = str(out / f"{layout}.pth")
-        torch.save(Blip2OPTFree.from_config(cfg).inference_state_dict(), paths[layout])
+        torch.save(Blip2OPTFree.from_config(cfg).inference_checkpoint(), paths[layout])
     return paths
 
 

@@ -9,6 +9,7 @@ iteration-based run (``iters_per_inner_epoch``), as LAVIS's webdataset training 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 from typing import Any, Callable, Dict, List, Tuple
@@ -19,6 +20,8 @@ from lavis_free.datasets.annotations import dialogue_rounds
 from lavis_free.datasets.shapes import GENERATE_HINT
 
 SHARD_KINDS = ("caption", "dialogue")
+MEMBERS = ("png", "json")  # what a shard record of the shapes generator holds and a sample reads
+SAFE_DECODERS = (wds.imagehandler("pilrgb", extensions=["png"]), wds.handle_extension("json", json.loads))
 
 
 class _ToSample:
@@ -75,7 +78,10 @@ def shard_train_pipeline(kind: str, shard_files: List[str], vis_processor: Calla
         wds.ResampledShards(shard_files),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         wds.shuffle(shuffle_buffer),
-        wds.decode("pilrgb", handler=wds.warn_and_continue),
-        wds.to_tuple("png", "json", handler=wds.warn_and_continue),
+        # Only the members a sample uses, by their own decoders: webdataset's default handlers
+        # (which `wds.decode("pilrgb")` keeps) unpickle .pyd/.pickle and torch.load .pth members,
+        # so a crafted shard would run code. Other members stay undecoded bytes.
+        wds.decode(*SAFE_DECODERS, pre=[], post=[], only=list(MEMBERS), handler=wds.warn_and_continue),
+        wds.to_tuple(*MEMBERS, handler=wds.warn_and_continue),
         wds.map(_ToSample(kind, vis_processor, text_processor), handler=wds.warn_and_continue),
     )

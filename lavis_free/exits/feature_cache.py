@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -35,9 +36,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from lavis_free.common.safe_load import CheckpointLoadError, load_torch_file
 from lavis_free.exits.early_exits import BackboneOutputs
 
+logger = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+ENTRY_KEYS = {"features", "labels"}
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -45,18 +50,27 @@ class FeatureCacheError(ValueError):
     """A feature cache that cannot serve this run (other backbone, settings or samples)."""
 
 
+FINGERPRINT_SAMPLES = 4096  # values per parameter tensor in `backbone_fingerprint`
+
+
 def backbone_fingerprint(model: nn.Module, trainable_prefix: str = "early_exits.") -> str:
-    """A digest of the frozen parameters (name, shape, sum and absolute sum of each): cheap for
-    billions of parameters; rounded to 6 significant digits so that summation order does not
-    matter."""
+    """A digest of the frozen parameters: each one's name, shape and the exact float16 bytes of
+    up to `FINGERPRINT_SAMPLES` evenly spaced values. Exact values rather than sums, so that the
+    digest cannot depend on a device's summation order; float16, so that a backbone and its
+    float16 copy (LAVIS loads OPT and the ViT in fp16 on GPU) share a digest; a sample, so that
+    it stays cheap for billions of parameters (training changes every value of a tensor, so a
+    retrained or other backbone differs in its sample). Checkpoints holding exits record it (see
+    `EarlyExitMixin.exit_metadata`), as does the feature cache's manifest."""
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.startswith(trainable_prefix):
                 continue
-            total = param.detach().sum(dtype=torch.float64).item()
-            magnitude = param.detach().abs().sum(dtype=torch.float64).item()
-            digest.update(f"{name}{tuple(param.shape)}{total:.6e}{magnitude:.6e}".encode())
+            values = param.detach().reshape(-1)
+            stride = max(1, values.numel() // FINGERPRINT_SAMPLES)
+            sample = values[::stride][:FINGERPRINT_SAMPLES].to(device="cpu", dtype=torch.float16)
+            digest.update(f"{name}{tuple(param.shape)}".encode())
+            digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -115,9 +129,26 @@ class FeatureCache:
         if not all(p.is_file() for p in paths):
             self.misses += 1
             return None
+        items = [self._read(path) for path in paths]
+        if any(item is None for item in items):
+            self.misses += 1
+            return None
         self.hits += 1
-        items = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
         return _pad_batch(items, device, dtype)
+
+    def _read(self, path: Path) -> Optional[Dict[str, torch.Tensor]]:
+        """One entry, or None with a warning naming it when it is unusable (a run killed while
+        writing to a shared disk, a full disk, bit rot): the batch is then recomputed and
+        `store` replaces the entry, so a damaged cache costs time, not the run."""
+        try:
+            item = load_torch_file(str(path), "run.exit_feature_cache entry")
+        except CheckpointLoadError as error:
+            logger.warning("exit feature cache: recomputing an unusable entry: %s", error)
+            return None
+        if not ENTRY_KEYS <= item.keys():
+            logger.warning("exit feature cache: recomputing %s: it lacks %s", path, sorted(ENTRY_KEYS - item.keys()))
+            return None
+        return item
 
     def store(self, keys: Sequence[str], outputs: BackboneOutputs) -> None:
         """Writes each sample's valid positions (atomically, so ranks may share the directory)."""

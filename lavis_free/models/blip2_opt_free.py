@@ -11,8 +11,11 @@ from the `vision:`, `qformer:` and `opt_config:` sections.
 The image -> LM-input path is factored into `encode_image_queries` and `build_lm_inputs` so that
 training, `generate`, `predict_answers` and the early-exit decoder share one code path.
 """
+import difflib
+import inspect
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -25,8 +28,9 @@ from lavis.models.blip2_models.blip2_opt import Blip2OPT
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizer
 
+from lavis_free.models import weights
 from lavis_free.models import tiny
-from lavis_free.models.early_exit_model import EXIT_GENERATE_KWARGS, EarlyExitMixin
+from lavis_free.models.early_exit_model import EarlyExitMixin
 from lavis_free.models.opt_lm import CachedOPTForCausalLM
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +69,41 @@ def _freeze(module: nn.Module) -> None:
         param.requires_grad = False
 
 
+# What the early-exit engine decodes with (greedy); other values run LAVIS's full-depth path.
+ENGINE_DECODING = {"use_nucleus_sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "num_captions": 1}
+
+
+def _samples_entry(samples: Any, key: str) -> Any:
+    """`samples[key]`, or an error saying what `samples` must be (LAVIS passes a dict batch)."""
+    if not isinstance(samples, Mapping):
+        raise TypeError(
+            f"samples is a {type(samples).__name__}; expected a dict such as "
+            "{'image': tensor [B, 3, H, W], 'prompt': str or [B strings]}"
+        )
+    if key not in samples:
+        raise KeyError(f"samples has no {key!r} (its keys: {sorted(samples)})")
+    return samples[key]
+
+
+def _text_batch(texts: Any, key: str, batch: int) -> List[str]:
+    """`samples[key]` as one string per image: a single string serves the whole batch."""
+    if isinstance(texts, str):
+        return [texts] * batch
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"samples[{key!r}] is a {type(texts).__name__}; expected a string or a list of {batch} strings")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"samples[{key!r}][{index}] is a {type(text).__name__}; expected a string")
+    if len(texts) != batch:
+        raise ValueError(f"samples[{key!r}] has {len(texts)} entries for {batch} images; expected one per image")
+    return list(texts)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {low}")
+
+
 @registry.register_model("blip2_opt_free")
 class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
     """BLIP-2 OPT whose components come from LAVIS's hub path or from tiny offline configs.
@@ -72,7 +111,9 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
     Model types:
         - tiny: random weights, built offline in well under a second (tests)
         - shapes_tiny: the tiny architecture trained on the synthetic shapes data (shipped)
-        - pretrain_opt2.7b, caption_coco_opt2.7b: LAVIS's real BLIP-2 OPT-2.7B (network, GPU)
+        - pretrain_opt2.7b, caption_coco_opt2.7b: LAVIS's real BLIP-2 OPT-2.7B (GPU; weights from
+          the network or local caches: each component hook checks before loading and, offline,
+          fails at once naming the missing files, see `lavis_free.models.weights`)
     Usage:
         >>> import lavis_free
         >>> from lavis.models import load_model
@@ -152,6 +193,7 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         """Q-Former tokenizer: the shipped vocabulary for tiny Q-Formers, else bert-base-uncased."""
         if shipped_vocab:
             return tiny.load_bert_tokenizer()
+        weights.require(weights.BERT_TOKENIZER)
         return super().init_tokenizer()
 
     @classmethod
@@ -164,13 +206,19 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         precision: str,
         vision: Optional[Mapping[str, Any]] = None,
     ) -> Tuple[nn.Module, nn.Module]:
-        """`eva_vit_tiny` builds a small EVA ViT from `vision`; other names go to LAVIS."""
+        """`eva_vit_tiny` builds a small EVA ViT from `vision`; LAVIS's names go to LAVIS."""
         if model_name != TINY_VIT:
             if vision is not None:
                 raise ValueError(
                     f"model.vision is only read with model.vit_model={TINY_VIT!r}, "
                     f"not {model_name!r}"
                 )
+            if model_name not in weights.VIT_URLS:
+                raise ValueError(
+                    f"model.vit_model={model_name!r}; allowed: "
+                    f"{[TINY_VIT] + sorted(weights.VIT_URLS)}"
+                )
+            weights.require(weights.vision_weights(model_name))
             return super().init_vision_encoder(
                 model_name, img_size, drop_path_rate, use_grad_checkpoint, precision
             )
@@ -190,6 +238,7 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
     ) -> Tuple[nn.Module, nn.Parameter]:
         """A Q-Former from `qformer` (built in code) when given, else LAVIS's bert-base one."""
         if qformer is None:
+            weights.require(weights.BERT_QFORMER)
             return super().init_Qformer(num_query_token, vision_width, cross_attention_freq)
         model = tiny.build_qformer(
             num_query_token, vision_width, qformer, vocab_size, cross_attention_freq
@@ -207,6 +256,7 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         if opt_config is not None:
             tokenizer = tiny.load_opt_tokenizer()
             return tokenizer, tiny.build_opt(opt_config, tokenizer)
+        weights.require(weights.opt_lm(opt_model))
         tokenizer = AutoTokenizer.from_pretrained(opt_model, use_fast=False)
         dtype = torch.float16 if torch.cuda.is_available() else torch.float32
         return tokenizer, CachedOPTForCausalLM.from_pretrained(opt_model, torch_dtype=dtype)
@@ -222,8 +272,40 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
 
     # ---- shared image -> LM input path ----
 
+    def check_images(self, image: Any) -> torch.Tensor:
+        """`samples["image"]` checked against what the vision encoder takes, cast to its dtype.
+
+        Why: a wrong tensor otherwise fails deep in the ViT (an assert on the size, a dtype or
+        device error in a convolution) and non-finite pixels decode into captions without a word.
+        Raises TypeError/ValueError naming samples['image'], what it got and what is expected."""
+        embed = self.visual_encoder.patch_embed
+        height, width = embed.img_size
+        channels, weight = embed.proj.in_channels, embed.proj.weight
+        expected = (
+            f"expected a floating-point tensor [B, {channels}, {height}, {width}] with B >= 1 on "
+            f"{weight.device} (the model's vis_processors give [{channels}, {height}, {width}] per image)"
+        )
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"samples['image'] is a {type(image).__name__}; {expected}")
+        got = f"samples['image'] has shape {tuple(image.shape)}, dtype {image.dtype}, device {image.device}"
+        if image.dim() == 3 and image.shape[0] == channels:
+            raise ValueError(f"{got}: one image without the batch dimension (use image.unsqueeze(0)); {expected}")
+        if image.dim() != 4 or image.shape[0] == 0 or image.shape[1] != channels:
+            hint = " (channels last? use image.permute(0, 3, 1, 2))" if image.dim() == 4 and image.shape[-1] == channels else ""
+            raise ValueError(f"{got}{hint}; {expected}")
+        if tuple(image.shape[2:]) != (height, width):
+            raise ValueError(f"{got}: images must be {height}x{width} for this model (resize with its vis_processors); {expected}")
+        if not image.is_floating_point():
+            raise ValueError(f"{got}: integer pixels are not normalised (use the model's vis_processors); {expected}")
+        if image.device != weight.device:
+            raise ValueError(f"{got}, the model is on {weight.device}: move one to the other (image.to(...)); {expected}")
+        if not torch.isfinite(image).all():
+            raise ValueError(f"{got}: it holds NaN or infinite values; {expected} with finite values")
+        return image.to(weight.dtype)
+
     def encode_image_queries(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Images [B, 3, H, W] -> (query embeddings in the LM's space [B, Q, D], mask [B, Q])."""
+        image = self.check_images(image)
         with self.maybe_autocast():
             image_embeds = self.ln_vision(self.visual_encoder(image))
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
@@ -321,7 +403,8 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
 
         `samples["prompt"]` may be one string for the batch or one per image; default: the
         model's prompt. Greedy decoding (num_beams=1, no sampling) runs the early-exit engine;
-        beam search and sampling run LAVIS's full-depth path. Early-exit keywords (None = the
+        beam search and sampling run LAVIS's full-depth path: with early-exit keywords passed that
+        is a ValueError, with exits on by the config's default a warning. Early-exit keywords (None = the
         model config's `exits.inference` default): `exit_threshold` (confidence in [0, 1];
         above 1 disables exits), `kv_policy` ("recompute" | "propagate"), `confidence`
         ("max_prob" | "margin" | "entropy"), `min_exit_layer` (decoder layers a token runs
@@ -329,13 +412,8 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         With `return_exit_stats=True` returns `(captions, stats)`; `stats["exit_layers"][i][t]`
         is the number of LM decoder layers run for token t of sample i (up to its EOS) and
         `stats["num_layers"]` the LM's depth."""
-        image = samples["image"]
-        prompt = samples.get("prompt", self.prompt)
-        prompts = [prompt] * image.size(0) if isinstance(prompt, str) else list(prompt)
-        if len(prompts) != image.size(0):
-            raise ValueError(
-                f"samples['prompt'] has {len(prompts)} entries for {image.size(0)} images"
-            )
+        image = self.check_images(_samples_entry(samples, "image"))
+        prompts = _text_batch(samples.get("prompt", self.prompt), "prompt", len(image))
         return self.generate_from_prompts(
             image,
             prompts,
@@ -378,21 +456,33 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         early_exit: bool = True,
     ) -> Union[List[str], Tuple[List[str], dict]]:
         """One continuation per prompt (prompts left-padded): the early-exit engine for greedy
-        decoding, LAVIS's full-depth HF generation otherwise. See `generate` for the keywords."""
+        decoding, LAVIS's full-depth HF generation otherwise. See `generate` for the keywords.
+
+        Settings the engine does not honour (`ENGINE_DECODING`) never drop exits silently: with
+        exit options passed they are a ValueError, with exits on by the config's default they
+        decode at full depth after a warning (once per model)."""
+        for name, value, low in (("num_beams", num_beams, 1), ("num_captions", num_captions, 1),
+                                 ("max_length", max_length, 1), ("min_length", min_length, 0)):
+            _check_int(name, value, low)
+        if num_captions > num_beams and not use_nucleus_sampling:
+            raise ValueError(
+                f"num_captions={num_captions} needs num_beams >= {num_captions} (beam search returns "
+                "its best beams) or use_nucleus_sampling=True"
+            )
         inputs_opt, atts_opt = self.encode_image_queries(image)
         tokens = self.tokenize(prompts, image.device, "left")
         prompt_length = tokens.input_ids.shape[1]
-        options = self.decode_options(
-            max_length,
-            min_length,
-            prompt_length,
-            exit_threshold=exit_threshold,
-            kv_policy=kv_policy,
-            confidence=confidence,
-            min_exit_layer=min_exit_layer,
+        self._check_lengths(inputs_opt.shape[1], prompt_length, max_length, min_length)
+        exit_options = dict(
+            exit_threshold=exit_threshold, kv_policy=kv_policy, confidence=confidence, min_exit_layer=min_exit_layer
         )
-        greedy = not use_nucleus_sampling and num_beams == 1 and num_captions == 1
-        if early_exit and greedy and repetition_penalty == 1.0:
+        options = self.decode_options(max_length, min_length, prompt_length, **exit_options)
+        decoding = dict(use_nucleus_sampling=use_nucleus_sampling, num_beams=num_beams,
+                        repetition_penalty=repetition_penalty, num_captions=num_captions)
+        unhonoured = [f"{k}={v!r}" for k, v in decoding.items() if v != ENGINE_DECODING[k]]
+        if unhonoured and early_exit and options.exits_enabled and self.early_exits is not None:
+            self._exits_not_honoured(unhonoured, asked=any(v is not None for v in exit_options.values()))
+        if early_exit and not unhonoured:
             inputs_embeds, attention_mask = self.build_lm_inputs(inputs_opt, atts_opt, tokens)
             result = self.early_exit_decode(inputs_embeds, attention_mask, options)
             texts = self.opt_tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
@@ -422,6 +512,43 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         texts = [t.strip() for t in self.opt_tokenizer.batch_decode(generated, skip_special_tokens=True)]
         return (texts, self.full_depth_stats(generated.tolist())) if return_exit_stats else texts
 
+    def _check_lengths(self, num_queries: int, prompt_length: int, max_length: int, min_length: int) -> None:
+        """Lengths the decode cannot meet, named before they fail (an index error in the LM's
+        position table) or run to `max_length` for nothing (a `min_length` never reached)."""
+        if min_length > prompt_length + max_length:
+            raise ValueError(
+                f"min_length={min_length} can never be reached: it counts the {prompt_length} prompt token(s) "
+                f"plus at most max_length={max_length} new ones (predict_answers: min_len, max_len)"
+            )
+        positions = self.opt_model.config.max_position_embeddings
+        if num_queries + prompt_length + max_length > positions:
+            raise ValueError(
+                f"max_length={max_length} is too long: {num_queries} image queries + {prompt_length} prompt "
+                f"tokens + {max_length} new tokens exceed the LM's {positions} positions "
+                f"(max_position_embeddings); use max_length <= {positions - num_queries - prompt_length}"
+            )
+
+    def _exits_not_honoured(self, unhonoured: Sequence[str], asked: bool) -> None:
+        """Exits asked for with settings the engine cannot honour: an error when the caller passed
+        exit options, else a warning (once per model) that this call decodes at full depth."""
+        rule = (
+            "early exits run on greedy decoding only for now (num_beams=1, use_nucleus_sampling=False, "
+            "repetition_penalty=1.0, num_captions=1)"
+        )
+        settings = ", ".join(unhonoured)
+        if asked:
+            raise ValueError(
+                f"{settings} cannot decode with the early exits asked for: {rule}; drop these settings, "
+                "or pass exit_threshold above 1 (or early_exit=False) for full-depth decoding"
+            )
+        if not getattr(self, "_warned_full_depth", False):
+            self._warned_full_depth = True
+            warnings.warn(
+                f"{settings}: decoding at full depth, without the model's early exits: {rule}. Pass those "
+                "for exits, or exit_threshold above 1 for full depth without this warning",
+                stacklevel=3,
+            )
+
     @torch.no_grad()
     def predict_answers(
         self,
@@ -430,34 +557,51 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         inference_method: str = "generate",
         max_len: int = 10,
         min_len: int = 1,
+        num_ans_candidates: int = 128,
+        answer_list: Optional[Sequence[str]] = None,
         prompt: str = "Question: {} Answer:",
         length_penalty: float = 0,
-        **kwargs: Any,
+        **generate_kwargs: Any,
     ) -> List[str]:
         """Open-ended answers for VQA and dialogue (`samples["text_input"]` = the question, or
         history + question). `prompt` wraps each text at its "{}"; "" uses the text as is.
-        LAVIS's ranking arguments (`answer_list`, `num_ans_candidates`) are accepted and unused:
-        only `inference_method="generate"` exists here. The early-exit keywords of `generate`
-        pass through `kwargs`."""
+        LAVIS's ranking arguments (`answer_list`, `num_ans_candidates`, as its VQA tasks pass
+        them) are accepted and unused: only `inference_method="generate"` exists here.
+        `generate_kwargs` are `generate`'s decoding and early-exit options; any other keyword is
+        a TypeError, because a misspelt option (`exit_treshold`) would otherwise be ignored."""
+        own = set(inspect.signature(self.predict_answers).parameters) - {"generate_kwargs"}
+        passed_on = set(inspect.signature(self.generate_from_prompts).parameters) - {
+            "image", "prompts", "num_beams", "max_length", "min_length", "length_penalty"
+        }
+        for name in generate_kwargs:
+            if name not in passed_on:
+                close = difflib.get_close_matches(name, own | passed_on, n=1)
+                raise TypeError(
+                    f"predict_answers() got an unexpected keyword argument {name!r}"
+                    f"{f' (did you mean {close[0]!r}?)' if close else ''}; it takes LAVIS's arguments "
+                    f"{sorted(own)} and generate's options {sorted(passed_on)}"
+                )
         if inference_method != "generate":
             raise ValueError(
                 f"inference_method={inference_method!r} is not supported by blip2_opt_free; "
                 "use 'generate'"
             )
-        if prompt and "{}" not in prompt:
-            raise ValueError(f"prompt={prompt!r} must contain '{{}}' where the question goes")
-        texts = samples["text_input"]
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        prompts = [prompt.format(text) for text in texts] if prompt else texts
-        exit_kwargs = {k: kwargs[k] for k in EXIT_GENERATE_KWARGS if k in kwargs}
+        if not isinstance(prompt, str) or (prompt and prompt.count("{}") != 1):
+            raise ValueError(f"prompt={prompt!r} must be a string with one '{{}}' where the question goes, or ''")
+        image = self.check_images(_samples_entry(samples, "image"))
+        texts = _text_batch(_samples_entry(samples, "text_input"), "text_input", len(image))
+        try:
+            prompts = [prompt.format(text) for text in texts] if prompt else texts
+        except (IndexError, KeyError, ValueError) as err:
+            raise ValueError(f"prompt={prompt!r} cannot be filled ({err!r}): other braces must be doubled, {{{{ }}}}") from None
         return self.generate_from_prompts(
-            samples["image"],
+            image,
             prompts,
             num_beams=num_beams,
             max_length=max_len,
             min_length=min_len,
             length_penalty=length_penalty,
-            **exit_kwargs,
+            **generate_kwargs,
         )
 
     # ---- configuration ----
@@ -508,15 +652,15 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         path = cfg.get(key)
         if not path:
             logging.info("model.%s is empty: weights stay as initialised", key)
-        elif key == "finetuned":
-            self.load_checkpoint(url_or_filename=resolve_checkpoint(path, key))
         else:
-            self.load_from_pretrained(url_or_filename=resolve_checkpoint(path, key), **kwargs)
+            # a backbone file: it need not hold exits (`model.exits_checkpoint` brings them)
+            self.load_checkpoint(resolve_checkpoint(path, key), origin=f"model.{key}", exits_required=False)
         self.load_exits_from_config(cfg)
 
     def load_exits_from_config(self, cfg: Mapping[str, Any]) -> None:
         """`model.exits_checkpoint`: trained exits loaded onto the backbone just loaded (checked
-        against `model.exits` by `check_exit_state`)."""
+        against `model.exits` and the backbone by `check_exit_state`; a file without exits is
+        refused)."""
         path = cfg.get("exits_checkpoint")
         if path:
-            self.load_checkpoint(url_or_filename=resolve_checkpoint(path, "exits_checkpoint"))
+            self.load_checkpoint(resolve_checkpoint(path, "exits_checkpoint"), origin="model.exits_checkpoint")

@@ -18,6 +18,7 @@ from lavis.common.registry import registry
 from omegaconf import OmegaConf
 
 import lavis_free  # noqa: F401  (registers blip2_opt_free)
+from lavis_free.common.safe_load import load_torch_file
 
 
 def _tied_aliases(state: Dict[str, torch.Tensor]) -> Set[str]:
@@ -36,7 +37,7 @@ def export_weights(
     checkpoint: str, out: str, name: str = "blip2_opt_free", model_type: str = "tiny"
 ) -> Dict[str, int]:
     """Write `{"model": fp16 state dict}` of `checkpoint` to `out`; returns tensor/byte counts."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_torch_file(checkpoint, "--checkpoint")
     state = state.get("model", state)
     model_cls = registry.get_model_class(name)
     model = model_cls.from_config(OmegaConf.load(model_cls.default_config_path(model_type)).model)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from lavis.common.dist_utils import is_main_process, main_process
+from lavis.common.dist_utils import get_world_size, is_main_process, main_process
 from lavis.common.registry import registry
 from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -40,9 +40,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from lavis_free.common.device_mode import cuda_requests_on_cpu
 from lavis_free.common.dist import barrier, gather_values
 from lavis_free.common.paths import output_dir_for, set_registry_path
+from lavis_free.common.safe_load import load_torch_file
+from lavis_free.models.early_exit_model import EXIT_METADATA, EarlyExitMixin
 from lavis_free.runners import optim
 from lavis_free.runners.checkpoint import load_trainable_state, trainable_state_dict
-from lavis_free.runners.loaders import build_loaders
+from lavis_free.runners.loaders import build_loaders, check_train_split
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class RunnerFree(RunnerBase):
         self._amp_warned = False
         self.best_agg_metric = 0.0
         self.best_epoch = 0
+        self._datasets_by_name = datasets  # LAVIS regroups self.datasets by split once loaders exist
         super().__init__(cfg, task, model, datasets, job_id)
 
     # ---- configuration ------------------------------------------------------------------
@@ -184,7 +187,11 @@ class RunnerFree(RunnerBase):
         start_time = time.time()
         valid_splits = list(self.valid_splits)
         self.log_config()
+        if self.evaluate_only and not valid_splits and not self.test_splits:
+            raise ValueError("run.evaluate is True but run.valid_splits and run.test_splits are empty: nothing to evaluate")
         if not self.evaluate_only:
+            for split in self.train_splits:
+                check_train_split(split, self._datasets_by_name, int(self._required("batch_size_train")), get_world_size())
             if self._optimizers is None:
                 self._build_optimizers()  # validates the optimizer settings before any work
             if self.resume_ckpt_path is not None:
@@ -201,8 +208,19 @@ class RunnerFree(RunnerBase):
                 break
             self._save_checkpoint(cur_epoch, is_best=False)
             barrier()
-        self.evaluate(cur_epoch="best" if valid_splits else cur_epoch, skip_reload=self.evaluate_only)
+        if self.test_splits:
+            self.evaluate(cur_epoch="best" if valid_splits else cur_epoch, skip_reload=self.evaluate_only)
         logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+    def evaluate(self, cur_epoch: Any = "best", skip_reload: bool = False) -> dict:
+        """Test on every split of ``run.test_splits``; with none, an error rather than a run that
+        succeeds having evaluated nothing."""
+        if not self.test_splits:
+            raise ValueError(
+                "run.test_splits is empty: nothing to evaluate. Name the splits to test, e.g. "
+                "--options run.test_splits=[test]"
+            )
+        return super().evaluate(cur_epoch=cur_epoch, skip_reload=skip_reload)
 
     def _task_optim_args(self) -> tuple[Any, Any]:
         """Plain optimizer/scheduler for one group (LAVIS tasks), dicts for several."""
@@ -279,8 +297,10 @@ class RunnerFree(RunnerBase):
             name = BEST_CHECKPOINT
         else:
             name = LATEST_CHECKPOINT if self.valid_splits else f"checkpoint_{cur_epoch}.pth"
+        model = self.unwrap_dist_model(self.model)
         save_obj = {
-            "model": trainable_state_dict(self.unwrap_dist_model(self.model)),
+            "model": trainable_state_dict(model),
+            EXIT_METADATA: model.exit_metadata() if isinstance(model, EarlyExitMixin) else None,
             "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
             "lr_schedulers": {g: optim.scheduler_state(s) for g, s in self.lr_schedulers.items()},
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -305,8 +325,8 @@ class RunnerFree(RunnerBase):
                 self.best_agg_metric,
             )
             return model
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        load_trainable_state(model, checkpoint["model"], str(path))
+        checkpoint = load_torch_file(str(path), "best checkpoint of this run")
+        _load_model_state(model, checkpoint, f"{path} (best checkpoint of this run)")
         return model
 
     def _load_checkpoint(self, url_or_filename: str) -> None:
@@ -314,11 +334,11 @@ class RunnerFree(RunnerBase):
         path = Path(url_or_filename)
         if not path.is_file():
             raise FileNotFoundError(f"run.resume_ckpt_path: {path} is not a file")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_torch_file(str(path), "run.resume_ckpt_path")
         absent = [k for k in _CHECKPOINT_KEYS if k not in checkpoint]
         if absent:
             raise ValueError(f"{path}: not a runner_free checkpoint (no {absent}); it cannot be resumed")
-        load_trainable_state(self.unwrap_dist_model(self.model), checkpoint["model"], str(path))
+        _load_model_state(self.unwrap_dist_model(self.model), checkpoint, f"{path} (run.resume_ckpt_path)")
         if set(checkpoint["optimizers"]) != set(self.optimizers):
             raise ValueError(
                 f"{path}: checkpoint has optimizer groups {sorted(checkpoint['optimizers'])}, "
@@ -335,3 +355,11 @@ class RunnerFree(RunnerBase):
         self.best_agg_metric = float(checkpoint.get("best_agg_metric", 0.0))
         self.best_epoch = int(checkpoint.get("best_epoch", 0))
         logger.info("Resumed from %s: continuing at epoch %d", path, self.start_epoch)
+
+
+def _load_model_state(model: torch.nn.Module, checkpoint: dict, source: str) -> None:
+    """A runner checkpoint's model state onto ``model``; with exits, their layers, layout, LM depth
+    and backbone are checked against the checkpoint's record first (they all fit the key check)."""
+    if isinstance(model, EarlyExitMixin):
+        model.check_exit_state(checkpoint["model"], source, checkpoint.get(EXIT_METADATA))
+    load_trainable_state(model, checkpoint["model"], source)
