@@ -1,19 +1,143 @@
-"""LAVIS's `Config`, with `--options model.model_type=X` honoured.
+"""LAVIS's `Config`, with `--options model.model_type=X` honoured and unknown keys refused.
 
 LAVIS 1.0.2 looks the override up as a flat key ("model.model_type") in options it has already
 nested ({"model": {"model_type": X}}), so it never matches: the project file's type keeps
 choosing the default model YAML, and only the type's name changes. A user then evaluates the
 architecture and weights of another type without any error.
+
+LAVIS also never checks the keys under ``run`` and ``model`` (its validator is commented out),
+so a typo such as ``run.max_epoh`` silently leaves the default in force. Here every top-level
+key of those sections, from the project YAML and ``--options``, must be one that code actually
+reads. The known keys are not a hand-kept list: they are collected from the source of what
+reads them (see :func:`known_run_keys`, :func:`known_model_keys`), so a key LAVIS or the plugin
+starts reading is known without an edit here.
 """
 from __future__ import annotations
 
-from typing import Any
+import ast
+import difflib
+import functools
+import inspect
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
-from lavis.common.config import Config
+import lavis
+from lavis.common.config import Config, create_runner_config_validator
+from lavis.common.registry import registry
 from omegaconf import OmegaConf
+
+# Where ``run.*`` settings are read: LAVIS's runners and tasks, and the whole plugin.
+RUN_KEY_SOURCES = (
+    Path(lavis.__file__).parent / "runners",
+    Path(lavis.__file__).parent / "tasks",
+    Path(__file__).resolve().parents[1],  # lavis_free
+)
+# Read under a variable name rather than a literal key: LAVIS's Config reads ``model.arch`` and
+# ``model.model_type`` off its ``model`` section; ``run.optim`` keys are read in a loop.
+_MODEL_SECTION_KEYS = frozenset({"arch", "model_type"})
+_MAPPING_METHODS = frozenset({"get", "items", "keys", "values", "pop", "copy", "setdefault", "update"})
+
+
+def _is_config(node: ast.AST, names: frozenset[str]) -> bool:
+    """`run_cfg` or `<anything>.run_cfg` (for names={"run_cfg"})."""
+    return (isinstance(node, ast.Name) and node.id in names) or (isinstance(node, ast.Attribute) and node.attr in names)
+
+
+def _literal(node: ast.AST) -> Any:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def keys_read(source: str, names: Iterable[str]) -> set[str]:
+    """Literal keys read from (or written to) a mapping called one of ``names`` in ``source``:
+    ``cfg.get("k")``, ``cfg["k"]`` and ``cfg.k``."""
+    names = frozenset(names)
+    keys = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+            if _is_config(node.func.value, names) and node.args and _literal(node.args[0]):
+                keys.add(_literal(node.args[0]))
+        elif isinstance(node, ast.Subscript) and _is_config(node.value, names) and _literal(node.slice):
+            keys.add(_literal(node.slice))
+        elif isinstance(node, ast.Attribute) and _is_config(node.value, names) and node.attr not in _MAPPING_METHODS:
+            keys.add(node.attr)
+    return keys
+
+
+@functools.lru_cache(maxsize=None)
+def known_run_keys() -> frozenset[str]:
+    """Every ``run.*`` key read by LAVIS 1.0.2's runners and tasks or by lavis-free, plus the
+    keys of LAVIS's own (unused) runner-config validator and the per-group optimizer keys."""
+    from lavis_free.runners.optim import OPTIM_KEYS
+
+    keys = set(create_runner_config_validator().arguments) | set(OPTIM_KEYS)
+    for root in RUN_KEY_SOURCES:
+        for path in sorted(root.rglob("*.py")):
+            source = path.read_text(encoding="utf-8")
+            keys |= keys_read(source, {"run_cfg"})
+            if root.name == "tasks":  # LAVIS tasks keep run_cfg as `self.config`
+                keys |= {k for k in keys_read(source, {"config"}) if k != "run_cfg"}
+    return frozenset(keys)
+
+
+def model_config_paths(model_cls: type) -> list[str]:
+    """The default model YAML of every type of ``model_cls``."""
+    return [str(model_cls.default_config_path(model_type)) for model_type in model_cls.PRETRAINED_MODEL_CONFIG_DICT]
+
+
+@functools.lru_cache(maxsize=None)
+def known_model_keys(arch: str) -> frozenset[str]:
+    """Keys of ``arch``'s default model YAMLs, plus every ``cfg`` key its classes read
+    (``from_config``, ``load_checkpoint_from_config``, ...), plus ``arch`` and ``model_type``."""
+    model_cls = registry.get_model_class(arch)
+    keys = set(_MODEL_SECTION_KEYS)
+    for path in model_config_paths(model_cls):
+        keys |= set(OmegaConf.load(path).get("model", {}) or {})
+    for klass in model_cls.__mro__:
+        if klass.__module__.split(".")[0] in ("lavis", "lavis_free"):
+            keys |= keys_read(inspect.getsource(klass), {"cfg"})
+    return frozenset(keys)
+
+
+def _unknown_key_error(section: str, key: str, known: frozenset[str], documented: str) -> ValueError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+    return ValueError(
+        f"{section}.{key}: unknown key{hint}; known {section} keys: {', '.join(sorted(known))}. {documented}"
+    )
+
+
+def check_known_keys(config: Mapping[str, Any]) -> None:
+    """Refuse a ``run.*`` or ``model.*`` key that nothing reads, naming it and a close match."""
+    run = config.get("run", None) or {}
+    known = known_run_keys()
+    for key in run:
+        if key not in known:
+            raise _unknown_key_error(
+                "run", key, known,
+                "They are read by LAVIS 1.0.2's runners and tasks and by lavis-free; the commented "
+                "project YAMLs in projects/free/ show them in use.",
+            )
+    model = config.get("model", None) or {}
+    arch = model.get("arch", None)
+    if arch is None or registry.get_model_class(arch) is None:
+        return  # LAVIS's Config (and launch.check_registered_names) report the missing/unknown arch
+    known = known_model_keys(arch)
+    for key in model:
+        if key not in known:
+            raise _unknown_key_error(
+                "model", key, known,
+                f"They are the keys of {arch}'s model YAMLs ({', '.join(model_config_paths(registry.get_model_class(arch)))}) "
+                f"and those its from_config reads.",
+            )
 
 
 class FreeConfig(Config):
+    def __init__(self, args: Any) -> None:
+        """Check the user's ``run``/``model`` keys (project YAML and ``--options``) before LAVIS
+        merges in the model YAML's defaults, which would hide nothing but cost a model build."""
+        check_known_keys(OmegaConf.merge(OmegaConf.load(args.cfg_path), self._build_opt_list(args.options)))
+        super().__init__(args)
+
     @staticmethod
     def build_model_config(config: Any, **kwargs: Any) -> Any:
         model_type = (kwargs.get("model") or {}).get("model_type")

@@ -5,21 +5,49 @@ CPU run under ``python -m torch.distributed.run`` crashes. This version reads th
 environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), picks the backend from
 ``run.device`` and fills the same fields of ``run_cfg`` that LAVIS's runner reads
 (``distributed``, ``rank``, ``world_size``, ``gpu``, ``dist_backend``).
+
+``run.dist_timeout_min`` (minutes, default 30: torch's own ``default_pg_timeout``) is how long a
+rank waits for the others at a collective before the run fails. It must outlast the longest
+wait a healthy run makes, which is rank 0 working alone while the others wait at a barrier:
+downloading weights and annotations, merging the ranks' results and scoring them (minutes with
+COCO and SPICE). 30 minutes covers that and is what torch.distributed users already get;
+LAVIS never set it, and this plugin used to wait 60. Under gloo, :func:`barrier` is torch's
+``monitored_barrier``, so a rank that hangs (alive, never arriving) is named in the error
+rather than leaving the others blocked without a word.
 """
 from __future__ import annotations
 
 import datetime
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
-from lavis.common.dist_utils import is_dist_avail_and_initialized, setup_for_distributed
+from lavis.common.dist_utils import get_rank, is_dist_avail_and_initialized, setup_for_distributed
+from torch.distributed.constants import default_pg_timeout
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_MIN = 60
+DEFAULT_TIMEOUT_MIN = default_pg_timeout.total_seconds() / 60
+T = TypeVar("T")
+# The process group's timeout, for barrier(): torch's monitored_barrier defaults to the
+# backend's default timeout, not to the one the group was created with.
+_timeout = default_pg_timeout
+
+
+def _timeout_from(run_cfg: Any) -> datetime.timedelta:
+    """``run.dist_timeout_min`` as a timedelta; a non-number or non-positive value is a config error."""
+    value = run_cfg.get("dist_timeout_min", None)
+    if value is None:
+        return default_pg_timeout
+    try:
+        minutes = float(value)
+    except (TypeError, ValueError):
+        minutes = float("nan")
+    if not minutes > 0:
+        raise ValueError(f"run.dist_timeout_min: {value!r} is not a positive number of minutes (default {DEFAULT_TIMEOUT_MIN:g})")
+    return datetime.timedelta(minutes=minutes)
 
 
 def _check_device(device: str) -> torch.device:
@@ -43,9 +71,11 @@ def init_distributed_mode(run_cfg: Any) -> None:
 
     Sets ``run_cfg.distributed``, ``rank``, ``world_size``, ``gpu`` and ``dist_backend``.
     Backend: ``nccl`` when ``run.device`` is CUDA, else ``gloo``. ``run.dist_url`` (default
-    ``env://``) and ``run.dist_timeout_min`` (default 60) are optional.
+    ``env://``) and ``run.dist_timeout_min`` (default 30, see the module docstring) are optional.
     """
+    global _timeout
     device = _check_device(str(run_cfg.get("device", "cpu")))
+    timeout = _timeout_from(run_cfg)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         run_cfg.distributed = False
         run_cfg.rank, run_cfg.world_size, run_cfg.gpu = 0, 1, 0
@@ -62,7 +92,6 @@ def init_distributed_mode(run_cfg: Any) -> None:
     else:
         run_cfg.dist_backend = "gloo"
     dist_url = str(run_cfg.get("dist_url", "env://"))
-    timeout_min = float(run_cfg.get("dist_timeout_min", DEFAULT_TIMEOUT_MIN))
     print(
         f"| distributed init (rank {run_cfg.rank}, world {run_cfg.world_size}, "
         f"backend {run_cfg.dist_backend}): {dist_url}",
@@ -73,9 +102,10 @@ def init_distributed_mode(run_cfg: Any) -> None:
         init_method=dist_url,
         world_size=run_cfg.world_size,
         rank=run_cfg.rank,
-        timeout=datetime.timedelta(minutes=timeout_min),
+        timeout=timeout,
     )
-    dist.barrier()
+    _timeout = timeout
+    barrier()
     setup_for_distributed(run_cfg.rank == 0)
 
 
@@ -87,9 +117,41 @@ def collective_device() -> torch.device:
 
 
 def barrier() -> None:
-    """``dist.barrier()`` when torch.distributed is initialised; nothing in a single process."""
-    if is_dist_avail_and_initialized():
+    """Wait for every rank (nothing in a single process).
+
+    Under gloo this is ``monitored_barrier(wait_all_ranks=True)``: when the timeout passes,
+    rank 0's error lists every rank that did not arrive. Other backends use ``dist.barrier()``.
+    """
+    if not is_dist_avail_and_initialized():
+        return
+    if dist.get_backend() != dist.Backend.GLOO:
         dist.barrier()
+        return
+    try:
+        dist.monitored_barrier(timeout=_timeout, wait_all_ranks=True)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"rank {get_rank()}: not every rank reached a barrier within run.dist_timeout_min="
+            f"{_timeout.total_seconds() / 60:g} min (a rank hung or died; rank 0 names them): {err}"
+        ) from err
+
+
+def on_main_process(func: Callable[[], T]) -> T:
+    """``func()`` run on rank 0 only, its result given to every rank.
+
+    An exception it raises is raised on every rank too, so that no rank is left waiting for a
+    rank 0 that has failed.
+    """
+    outcome: Any = None
+    if get_rank() == 0:
+        try:
+            outcome = (func(), None)
+        except Exception as err:  # re-raised below, on every rank
+            outcome = (None, err)
+    value, error = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    return value
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -3,13 +3,13 @@
 Mirrors LAVIS's own (unshipped) scripts: config from ``--cfg-path`` with ``--options key=value``
 overrides, distributed init, per-rank seeds, logging, then task, datasets, model and runner.
 Differences: ``import lavis_free`` comes first (compat fixes, registrations), distributed init
-is CPU-safe, registered names are checked up front with errors that list the valid ones, and
-the job id is chosen by rank 0 and shared, so every rank writes into the same output dir.
+is CPU-safe, registered names and ``run``/``model`` keys are checked up front with errors that
+list the valid ones, and every run gets a job dir of its own, created by rank 0 before any work
+and shared with the other ranks (:func:`lavis_free.common.paths.claim_job_dir`).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import random
 from typing import Any, Optional, Sequence
@@ -25,7 +25,8 @@ from lavis.common.dist_utils import get_rank
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 
-from lavis_free.common.dist import broadcast_object, init_distributed_mode
+from lavis_free.common.dist import init_distributed_mode, on_main_process
+from lavis_free.common.paths import claim_job_dir
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,11 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None) -> argpar
         default=[],
         help="override settings of the YAML, as key=value (for example run.max_epoch=1)",
     )
-    parser.add_argument("--job-id", default=None, help="output sub-directory name (default: a timestamp)")
+    parser.add_argument(
+        "--job-id",
+        default=None,
+        help="output sub-directory name; it must not exist yet (default: a timestamp, with a suffix if taken)",
+    )
     return parser.parse_args(argv)
 
 
@@ -88,7 +93,10 @@ def build_runner(args: argparse.Namespace) -> Any:
     setup_seeds(int(cfg.run_cfg.get("seed", 42)))
     setup_logger()
     cfg.pretty_print()
-    job_id = broadcast_object(args.job_id or datetime.datetime.now().strftime("%Y%m%d%H%M%S"))
+    output_root = cfg.run_cfg.get("output_dir", None)
+    if not output_root:
+        raise ValueError(f"{args.cfg_path}: run.output_dir is required (the directory job dirs are created in)")
+    job_id = on_main_process(lambda: claim_job_dir(str(output_root), args.job_id)).name
 
     task = tasks.setup_task(cfg)
     datasets = task.build_datasets(cfg)

@@ -5,16 +5,51 @@ LAVIS wraps every map-style loader in ``PrefetchLoader``, which creates a ``torc
 epoch boundary. Here the CUDA prefetcher is used only on CUDA, and training loaders are wrapped
 in :class:`EpochLoader`, which re-iterates without sleeping and reshuffles the distributed
 sampler per epoch. Webdataset pipelines and multi-dataset mixing use LAVIS's own classes.
+
+Training loaders drop the last incomplete batch (``drop_last``), so a train split with fewer
+samples per process than ``run.batch_size_train`` gives an epoch of no batch: LAVIS then
+divides by zero, and an empty split fails inside torch's sampler.
+:func:`check_train_split` says so up front.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import math
 
 import webdataset as wds
 from lavis.common.dist_utils import get_rank, get_world_size
 from lavis.datasets.datasets.dataloader_utils import MultiIterLoader, PrefetchLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch.utils.data.dataset import ChainDataset
+
+
+def _describe(name: str, dataset: Any) -> str:
+    """``datasets.<name>`` and its annotation file when the dataset records one."""
+    ann_path = getattr(dataset, "ann_path", None)
+    return f"datasets.{name}" + (f" (annotation file {ann_path})" if ann_path else "")
+
+
+def check_train_split(split: str, datasets_by_name: Mapping[str, Mapping[str, Any]], batch_size: int, world_size: int) -> None:
+    """Refuse a train split that would give no batch in an epoch, naming the split, its datasets
+    and files, ``run.batch_size_train`` and the number of processes."""
+    parts = {name: splits[split] for name, splits in datasets_by_name.items() if split in splits}
+    if not parts:
+        raise ValueError(f"run.train_splits names split {split!r}, which none of the datasets {sorted(datasets_by_name)} has")
+    if not all(hasattr(d, "__len__") for d in parts.values()):
+        return  # a webdataset pipeline: its length is unknown until it is read
+    total = sum(len(d) for d in parts.values())
+    per_process = math.ceil(total / world_size)  # DistributedSampler pads every rank to this
+    where = ", ".join(_describe(name, d) for name, d in parts.items())
+    if total == 0:
+        raise ValueError(f"train split {split!r} of {where} is empty: there is nothing to train on")
+    if per_process < batch_size:
+        processes = f", {per_process} per process ({world_size} processes)" if world_size > 1 else ""
+        raise ValueError(
+            f"train split {split!r} of {where} has {total} samples{processes}, fewer than "
+            f"run.batch_size_train={batch_size}: training drops the last incomplete batch (drop_last), so an "
+            f"epoch would have no batch. Set run.batch_size_train to at most {per_process}, or use more data."
+        )
 
 
 class EpochLoader:
