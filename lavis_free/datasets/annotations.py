@@ -112,13 +112,15 @@ def load_caption_gt(path: str) -> Dict[int, List[str]]:
 def dialogue_rounds(rows: List[dict]) -> List[dict]:
     """Expand dialogue rows into one record per round, with the context a model sees.
 
-    ``question_id`` = image_id * 10 + round index; ``context`` = earlier rounds + this question.
+    ``question_id`` = image_id * 10 + round index; ``context`` = earlier rounds + this question;
+    ``row`` = the row's index in ``rows`` (errors name it).
     """
     rounds = []
-    for row in rows:
+    for index, row in enumerate(rows):
         history: List[Tuple[str, str]] = []
         for k, turn in enumerate(row["dialog"]):
             rounds.append({
+                "row": index,
                 "image": row["image"],
                 "image_id": row["image_id"],
                 "question_id": row["image_id"] * 10 + k,
