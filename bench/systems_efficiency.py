@@ -145,8 +145,9 @@ def main() -> None:
     name = f"systems_efficiency_{args.dims}_{device.type}"
     (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        "| batch | policy | full decode ms/token | exit decode ms/token | ideal speedup | measured speedup "
-        "| efficiency | end-to-end speedup (prefill included) |",
+        "| batch | policy | full decode ms/token | exit decode ms/token | ideal layer-count speedup "
+        "| measured decode speedup (ms/token ratio) | efficiency (measured / ideal) "
+        "| end-to-end speedup (prefill included) |",
         "|" + "---|" * 8,
     ]
     lines += [

@@ -18,6 +18,8 @@
 # For quick runs: SHAPES_ARGS (e.g. "--train 64 --val 16 --test 16"), TRAIN_OPTIONS (extra
 # train.py --options, e.g. "run.max_epoch=1"), EVAL_ARGS (extra calibrate arguments, e.g.
 # "--max-samples 8 --thresholds 0.5 0.9"), QUALITY_LIMIT (caption pairs scored in step 5).
+# Exit training caches the frozen backbone's features (about 420 MB on the default data) in a
+# temporary directory under $TMPDIR (default /tmp), removed when the script exits, however it exits.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,12 +54,14 @@ mkdir -p "$LOGS"
 stage "2/6 data: $DATA"
 "$PY" -m lavis_free.datasets.shapes --out "$DATA" --seed 0 "${SHAPES_EXTRA[@]}"
 
-stage "3/6 exit training: $CFG (log: $LOGS/train.log)"
+FEATURE_CACHE="$(mktemp -d -t lavis_free_demo_features.XXXXXX)"
+trap 'rm -rf "$FEATURE_CACHE"' EXIT
+stage "3/6 exit training: $CFG (log: $LOGS/train.log; feature cache, removed at exit: $FEATURE_CACHE)"
 DATA_OPTION="datasets.shapes_caption.build_info.storage=$DATA"
 # model.exits_checkpoint= : train from the exits' init, not from the exits shipped with the package
 "$PY" train.py --cfg-path "$CFG" --job-id exits \
     --options "run.output_dir=$OUT/train" "$DATA_OPTION" "model.exits_checkpoint=" \
-    "run.exit_feature_cache=$OUT/train/feature_cache" "${TRAIN_EXTRA[@]}" 2>&1 | tee "$LOGS/train.log"
+    "run.exit_feature_cache=$FEATURE_CACHE" "${TRAIN_EXTRA[@]}" 2>&1 | tee "$LOGS/train.log"
 RUN_DIR="$OUT/train/exits"
 CKPT="$(ls "$RUN_DIR"/checkpoint_best.pth 2>/dev/null \
     || ls "$RUN_DIR"/checkpoint_[0-9]*.pth 2>/dev/null | sort -t_ -k2 -n | tail -n 1 \

@@ -3,6 +3,7 @@ hand-made case and on a real decode, and both commands end to end on a tiny mode
 exits and a few generated images."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -119,18 +120,79 @@ def test_sweep_writes_one_row_per_setting_and_a_plot(project_yaml, tmp_path):
         table = json.load(f)
     assert [(r["kv_policy"], r["exit_threshold"]) for r in table["rows"]] == [
         ("recompute", 0.0), ("recompute", 0.9), ("propagate", 0.0), ("propagate", 0.9)]
-    assert table["num_samples"] == 4 and table["metric"] == "CIDEr" and table["exit_layers"] == [3, 6, 9]
+    assert table["num_samples"] == 4 and table["metric"] == "CIDEr" and table["exit_layers"] == [2, 5, 8]
+    assert table["complete"] and table["num_settings"] == 4
     full = table["full_depth"]
     assert full["avg_exit_layer"] == 12 and full["layer_speedup"] == pytest.approx(1.0)
     for row in table["rows"]:
         assert {"Bleu_4", "CIDEr"} <= set(row["metrics"])
         assert row["wallclock_speedup"] > 0 and row["tokens_per_s"] > 0
+        # the units add up: time per sample, throughput per token, the speedup is the ratio of the times
+        assert row["num_samples"] == 4 and row["ms_per_sample"] == pytest.approx(1000 * row["seconds"] / 4)
+        assert row["wallclock_speedup"] == pytest.approx(row["full_depth_ms_per_sample"] / row["ms_per_sample"])
+        assert row["tokens_per_s"] == pytest.approx(row["num_tokens"] / row["seconds"])
+        assert row["full_depth_tokens_per_s"] == pytest.approx(row["full_depth_num_tokens"] / row["full_depth_seconds"])
         if row["exit_threshold"] == 0.0:  # every token leaves at the first exit after the prefill token
             assert row["avg_exit_layer"] < 12 and row["layer_speedup"] > 1
     assert open(paths["png"], "rb").read(4) == b"\x89PNG"
     assert open(paths["md"]).read().count("\n| ") == 2 + 4  # header, full depth, 4 rows
     with pytest.raises(ValueError, match="--thresholds"):
         sweep.main(["--cfg-path", project_yaml, "--thresholds", "1.5", "--out", str(tmp_path)])
+
+
+def _interrupt_at(monkeypatch, module, call):
+    """`module.run_setting` raises KeyboardInterrupt (as Ctrl-C would) at its `call`-th call."""
+    calls = []
+    real = module.run_setting
+
+    def run_setting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "run_setting", run_setting)
+
+
+def test_an_interrupted_sweep_keeps_the_rows_it_measured(project_yaml, tmp_path, monkeypatch):
+    _interrupt_at(monkeypatch, sweep, 3)  # full depth and one row done, the second row interrupted
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main(["--cfg-path", project_yaml, "--thresholds", "0.9", "0.0", "--policies", "recompute",
+                    "--max-samples", "2", "--threads", "1", "--out", str(tmp_path), "--no-progress"])
+    table = json.loads((tmp_path / "sweep.json").read_text())
+    assert not table["complete"] and [r["exit_threshold"] for r in table["rows"]] == [0.0]
+    assert "Partial: 1 of 2 settings measured" in (tmp_path / "sweep.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json", "sweep.md"]  # no plot, no temporary file
+
+
+def test_an_interrupted_calibration_keeps_its_sweep_and_selection(project_yaml, tmp_path, monkeypatch):
+    _interrupt_at(monkeypatch, calibrate, 2)  # the test split's full depth done, its threshold row interrupted
+    with pytest.raises(KeyboardInterrupt):
+        calibrate.main(["--cfg-path", project_yaml, "--thresholds", "0.0", "--policies", "recompute", "--tolerance",
+                        "0.99", "--max-samples", "2", "--threads", "1", "--out", str(tmp_path), "--no-progress"])
+    result = json.loads((tmp_path / "calibration.json").read_text())
+    assert not result["complete"] and result["selected"] == {"recompute": 0.0}
+    assert result["calibration"]["complete"] and result["test"]["rows"] == [] and result["oracle"]["num_tokens"] > 0
+    assert (tmp_path / "calib_sweep.png").is_file() and not (tmp_path / "calibration.md").exists()
+    with pytest.raises(ValueError, match="did not finish"):
+        report.main(["--calibration", str(tmp_path / "calibration.json"), "--out", str(tmp_path), "--no-progress"])
+
+
+def test_bad_splits_and_batch_size_are_refused_before_any_decoding(project_yaml, tmp_path, monkeypatch):
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before checking the arguments")
+
+    monkeypatch.setattr(sweep, "warm_up", no_decoding)
+    monkeypatch.setattr(calibrate, "run_sweep", no_decoding)
+    common = ["--cfg-path", project_yaml, "--threads", "1", "--out", str(tmp_path), "--no-progress"]
+    with pytest.raises(ValueError, match=r"--split train: no ground truth known for this split \(splits with one: \['test', 'val'\]\)"):
+        sweep.main(common + ["--split", "train"])
+    with pytest.raises(ValueError, match="--test-split train: no ground truth"):
+        calibrate.main(common + ["--test-split", "train"])
+    with pytest.raises(ValueError, match="--calib-split nope: no ground truth"):
+        calibrate.main(common + ["--calib-split", "nope"])
+    with pytest.raises(ValueError, match="--batch-size must be >= 1, got 0"):  # not the YAML's batch size
+        sweep.main(common + ["--batch-size", "0"])
 
 
 def test_calibration_reports_test_split_and_oracle_and_the_report_gathers_it(project_yaml, tmp_path):
@@ -185,3 +247,7 @@ def test_demo_runs_every_step_at_toy_size(tmp_path):
     assert report_json["calibration"]["test"]["num_samples"] == 4 and "exit_quality" in report_json
     for name in ("exit_histogram.png", "calib_sweep.png", "exit_quality.png"):
         assert (tmp_path / "out" / name).is_file()
+    # the backbone feature cache went to a temporary directory, removed at the end
+    cache = re.search(r"feature cache, removed at exit: (\S+)\)", proc.stdout).group(1)
+    assert not os.path.exists(cache) and not str(cache).startswith(str(tmp_path / "out"))
+    assert not [p for p in (tmp_path / "out").rglob("*") if "feature" in p.name]

@@ -8,26 +8,39 @@ exits) whose quality on the calibration split stays within `tolerance` (relative
 there; a policy with no such threshold is reported as "exits off". The test split is then decoded
 at full depth (which also gives the oracle exit) and at each calibrated threshold. Writes
 DIR/calibration.json, .md, the calibration sweep (calib_sweep.*), and exit_histogram.png (tokens by
-layers run at each calibrated threshold against the oracle).
+layers run at each calibrated threshold against the oracle). DIR is checked before anything is
+decoded; calib_sweep.{json,md} and calibration.json are rewritten (atomically) after every
+measured setting, so a stopped run keeps what it measured (`"complete": false`), and the
+markdown report and plots are written once it is complete.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-from typing import Any, Dict, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 from tqdm import tqdm
 
 from lavis_free.evaluation.oracle import capture_decodes, oracle_figures, oracle_stats
+from lavis_free.evaluation.outputs import atomic_write, prepare_output_dir
 from lavis_free.evaluation.plots import plot_exit_histograms
-from lavis_free.evaluation.runs import Project, add_project_arguments, project_from_args, run_setting, split_loader, warm_up
+from lavis_free.evaluation.runs import (
+    Project,
+    add_project_arguments,
+    default_metric,
+    project_from_args,
+    run_setting,
+    scored_loader,
+    warm_up,
+)
 from lavis_free.evaluation.sweep import (
     add_grid_arguments,
     compared_figures,
     relative_drop,
     run_sweep,
     sweep_markdown,
+    sweep_paths,
     write_sweep,
 )
 from lavis_free.tasks.exit_eval import FULL_DEPTH_THRESHOLD
@@ -49,17 +62,39 @@ def select_threshold(rows: Sequence[Mapping[str, Any]], reference_quality: float
 def run_calibration(project: Project, calib_split: str, test_split: str, tolerance: float, thresholds: Sequence[float],
                     policies: Sequence[str], confidence: Optional[str] = None, min_exit_layer: Optional[int] = None,
                     metric: Optional[str] = None, max_samples: Optional[int] = None, dataset: Optional[str] = None,
-                    progress: bool = True) -> Dict[str, Any]:
-    """Sweeps `calib_split`, selects a threshold per policy, reports them and the oracle on `test_split`."""
+                    progress: bool = True, on_update: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Sweeps `calib_split`, selects a threshold per policy, reports them and the oracle on `test_split`.
+    `on_update(result)` is called with the result so far after every measured setting (`"complete"`
+    turns true with the last one), so that a caller can save results as they come."""
+    metric = metric or default_metric(project.task)
+    result: Dict[str, Any] = {
+        "cfg_path": project.cfg_path,
+        "metric": metric,
+        "tolerance": tolerance,
+        "calib_split": calib_split,
+        "test_split": test_split,
+        "complete": False,
+        "selected": None,
+        "calibration": None,
+        "test": None,
+        "oracle": None,
+    }
+    notify = on_update or (lambda _: None)
+    scored_loader(project, calib_split, max_samples, dataset, "--calib-split")  # both splits checked before any decoding
+    loader = scored_loader(project, test_split, max_samples, dataset, "--test-split")
+
+    def swept(table: Dict[str, Any]) -> None:
+        result["calibration"] = table
+        notify(result)
+
     sweep = run_sweep(project, calib_split, thresholds, policies, confidence, min_exit_layer, metric,
-                      max_samples, dataset, progress)
-    metric = sweep["metric"]
+                      max_samples, dataset, progress, on_row=swept)
     selected = {}
     for policy in policies:
         row = select_threshold([r for r in sweep["rows"] if r["kv_policy"] == policy], sweep["full_depth"]["quality"], tolerance)
         selected[policy] = None if row is None else row["exit_threshold"]
+    result["selected"] = selected
 
-    loader = split_loader(project, test_split, max_samples, dataset)
     common = {"confidence": confidence, "min_exit_layer": min_exit_layer}
     chosen = [(p, t) for p, t in selected.items() if t is not None]
     warm_up(project, loader, {**common, "exit_threshold": chosen[0][1] if chosen else FULL_DEPTH_THRESHOLD})
@@ -68,34 +103,30 @@ def run_calibration(project: Project, calib_split: str, test_split: str, toleran
         full = run_setting(project, loader, test_split, {**common, "exit_threshold": FULL_DEPTH_THRESHOLD}, "full depth", progress)
     bar.update()
     reference = compared_figures(full, None, metric)
-    oracle = oracle_figures(oracle_stats(project.model, calls))
+    result["oracle"] = oracle_figures(oracle_stats(project.model, calls))
     bar.update()
-    test_rows = []
+    result["test"] = {
+        "split": test_split,
+        "num_samples": len(loader.dataset),
+        "metric": metric,
+        "num_layers": sweep["num_layers"],
+        "exit_layers": sweep["exit_layers"],
+        "num_settings": len(chosen),
+        "complete": not chosen,
+        "full_depth": reference,
+        "rows": [],
+    }
+    result["complete"] = not chosen
+    notify(result)
     for policy, threshold in chosen:
         run = run_setting(project, loader, test_split, {**common, "exit_threshold": threshold, "kv_policy": policy},
                           f"{policy} {threshold}", progress)
-        test_rows.append(compared_figures(run, reference, metric))
+        result["test"]["rows"].append(compared_figures(run, reference, metric))
+        result["complete"] = result["test"]["complete"] = len(result["test"]["rows"]) == len(chosen)
+        notify(result)
         bar.update()
     bar.close()
-    return {
-        "cfg_path": project.cfg_path,
-        "metric": metric,
-        "tolerance": tolerance,
-        "calib_split": calib_split,
-        "test_split": test_split,
-        "selected": selected,
-        "calibration": sweep,
-        "test": {
-            "split": test_split,
-            "num_samples": len(loader.dataset),
-            "metric": metric,
-            "num_layers": sweep["num_layers"],
-            "exit_layers": sweep["exit_layers"],
-            "full_depth": reference,
-            "rows": test_rows,
-        },
-        "oracle": oracle,
-    }
+    return result
 
 
 def calibration_markdown(result: Mapping[str, Any]) -> str:
@@ -115,10 +146,10 @@ def calibration_markdown(result: Mapping[str, Any]) -> str:
         "## Oracle exit (ceiling at zero quality loss)",
         "",
         "Per token, the earliest exit whose argmax equals the full-depth token (teacher-forced over the "
-        f"full-depth greedy outputs of `{result['test_split']}`). Layer speedup as the engine runs it (every "
-        "allowed exit checked on the way); ideal: only the chosen exit's transformer and head paid.",
+        f"full-depth greedy outputs of `{result['test_split']}`). Layer-count speedup as the engine runs it "
+        "(every allowed exit checked on the way); ideal: only the chosen exit's transformer and head paid.",
         "",
-        "| avg exit layer | layer speedup | ideal layer speedup | tokens |",
+        "| avg layers run | layer-count speedup | ideal layer-count speedup | tokens |",
         "|---|---|---|---|",
         f"| {oracle.get('avg_exit_layer', 0):.2f} | {oracle.get('layer_speedup', 1):.2f}x | "
         f"{oracle.get('ideal_layer_speedup', 1):.2f}x | {oracle.get('num_tokens', 0)} |",
@@ -129,21 +160,28 @@ def calibration_markdown(result: Mapping[str, Any]) -> str:
     ])
 
 
-def write_calibration(result: Mapping[str, Any], out_dir: str) -> Dict[str, str]:
-    """DIR/calibration.{json,md}, DIR/calib_sweep.{json,md,png}, DIR/exit_histogram.png."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {f"calib_sweep_{k}": v for k, v in write_sweep(result["calibration"], out_dir, "calib_sweep").items()}
-    paths["json"] = os.path.join(out_dir, "calibration.json")
-    paths["md"] = os.path.join(out_dir, "calibration.md")
-    with open(paths["json"], "w") as f:
-        json.dump(result, f, indent=2)
-    with open(paths["md"], "w") as f:
-        f.write(f"# Calibration: {result['cfg_path']}\n\n" + calibration_markdown(result))
-    histograms = {f"{r['kv_policy']} @ {r['exit_threshold']:g}": r["histogram"] for r in result["test"]["rows"]}
-    histograms["oracle"] = result["oracle"]["histogram"]
-    paths["histogram_png"] = plot_exit_histograms(
-        histograms, os.path.join(out_dir, "exit_histogram.png"), f"Tokens by layers run on {result['test_split']}"
-    )
+def calibration_paths(out_dir: Union[str, Path]) -> Dict[str, str]:
+    """Every file `write_calibration` writes once the result is complete."""
+    out = Path(out_dir)
+    paths = {f"calib_sweep_{k}": v for k, v in sweep_paths(out, "calib_sweep").items()}
+    paths.update(json=str(out / "calibration.json"), md=str(out / "calibration.md"),
+                 histogram_png=str(out / "exit_histogram.png"))
+    return paths
+
+
+def write_calibration(result: Mapping[str, Any], out_dir: Union[str, Path]) -> Dict[str, str]:
+    """DIR/calib_sweep.{json,md} and DIR/calibration.json as far as measured; with a complete
+    result also DIR/calibration.md, DIR/calib_sweep.png and DIR/exit_histogram.png."""
+    paths = calibration_paths(out_dir)
+    # the sweep changes only until the test split starts: not redrawn for every test row
+    if result["calibration"] is not None and (result["test"] is None or result["complete"]):
+        write_sweep(result["calibration"], out_dir, "calib_sweep")
+    atomic_write(paths["json"], json.dumps(result, indent=2))
+    if result["complete"]:
+        atomic_write(paths["md"], f"# Calibration: {result['cfg_path']}\n\n" + calibration_markdown(result))
+        histograms = {f"{r['kv_policy']} @ {r['exit_threshold']:g}": r["histogram"] for r in result["test"]["rows"]}
+        histograms["oracle"] = result["oracle"]["histogram"]
+        plot_exit_histograms(histograms, paths["histogram_png"], f"Tokens by decoder layers run on {result['test_split']}")
     return paths
 
 
@@ -157,11 +195,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
     check_tolerance(args.tolerance)
+    out = prepare_output_dir(args.out)
     project = project_from_args(args)
     result = run_calibration(project, args.calib_split, args.test_split, args.tolerance, args.thresholds, args.policies,
                              args.confidence, args.min_exit_layer, args.metric, args.max_samples, args.dataset,
-                             progress=not args.no_progress)
-    paths = write_calibration(result, args.out)
+                             progress=not args.no_progress, on_update=lambda partial: write_calibration(partial, out))
+    paths = calibration_paths(out)
     print(calibration_markdown(result))
     print(f"calibration written to {paths['md']} ({paths['json']})")
     return paths

@@ -2,7 +2,8 @@
 
     python -m lavis_free.evaluation.oracle --cfg-path projects/free/shapes_caption.yaml --split test --out DIR
 
-writes DIR/oracle.json (average exit layer, layer speedups, histogram) and DIR/oracle_histogram.png.
+writes DIR/oracle.json (average decoder layers run per token, layer-count speedups, histogram of
+tokens by layers run) and DIR/oracle_histogram.png; DIR is checked before anything is decoded.
 
 Why: it is the ceiling of any confidence rule over these exits. An oracle that knew where each
 token's exits first agree with full depth would emit exactly the full-depth greedy output (zero
@@ -22,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from lavis_free.evaluation.outputs import atomic_write, prepare_output_dir
 from lavis_free.evaluation.plots import plot_exit_histograms
 from lavis_free.evaluation.runs import add_project_arguments, decode_split, project_from_args, split_loader
 from lavis_free.exits.engine import DecodeOptions, DecodeResult
@@ -163,6 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", required=True, help="output directory")
     args = parser.parse_args(argv)
+    out = prepare_output_dir(args.out)
     project = project_from_args(args)
     loader = split_loader(project, args.split, args.max_samples, args.dataset)
     settings = {"exit_threshold": FULL_DEPTH_THRESHOLD, "min_exit_layer": args.min_exit_layer}
@@ -170,16 +172,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         decode_split(project, loader, settings, f"full depth {args.split}", progress=not args.no_progress)
     figures = {"cfg_path": args.cfg_path, "split": args.split, "num_samples": len(loader.dataset),
                **oracle_figures(oracle_stats(project.model, calls))}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "oracle.json"), "w") as f:
-        json.dump(figures, f, indent=2)
-    plot_exit_histograms({"oracle": figures["histogram"]}, os.path.join(args.out, "oracle_histogram.png"),
-                         f"Oracle exit layers on {args.split}")
-    print(f"oracle on {args.split} ({figures['num_samples']} samples): avg exit layer {figures['avg_exit_layer']:.2f}, "
-          f"layer speedup {figures['layer_speedup']:.2f}x ({figures['ideal_layer_speedup']:.2f}x without exit checks)")
-    print(f"written to {os.path.join(args.out, 'oracle.json')}")
+    atomic_write(out / "oracle.json", json.dumps(figures, indent=2))
+    plot_exit_histograms({"oracle": figures["histogram"]}, out / "oracle_histogram.png",
+                         f"Oracle exit: tokens by decoder layers run on {args.split}")
+    print(f"oracle on {args.split} ({figures['num_samples']} samples): avg layers run {figures['avg_exit_layer']:.2f} "
+          f"of {figures['num_layers']}, layer-count speedup {figures['layer_speedup']:.2f}x "
+          f"({figures['ideal_layer_speedup']:.2f}x without exit checks)")
+    print(f"written to {out / 'oracle.json'}")
     return figures
-
 
 if __name__ == "__main__":
     main()

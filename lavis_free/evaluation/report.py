@@ -7,21 +7,29 @@ Gathers the calibration (calibrated threshold, test-split figures against full d
 ceiling, calibration sweep), an optional separate sweep, and the exit-quality report of exit
 training (`lavis_free.reports.exit_quality`) when given; copies their PNGs next to report.md and
 prints a short summary. Why a separate step: each input is produced by a command that can run
-on its own (and on another machine); the report only reads their JSON.
+on its own (and on another machine); the report only reads their JSON. Every figure names its
+unit: time per sample (one caption or answer), throughput per token, depth in decoder layers run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from tqdm import tqdm
 
 from lavis_free.evaluation.calibrate import calibration_markdown
+from lavis_free.evaluation.outputs import atomic_write, prepare_output_dir, read_result
 from lavis_free.evaluation.sweep import sweep_markdown
 
+# each input: the top-level keys its JSON must have and the command that writes it
+INPUTS = {
+    "calibration": (("selected", "test", "oracle", "calibration"), "python -m lavis_free.evaluation.calibrate"),
+    "sweep": (("full_depth", "rows"), "python -m lavis_free.evaluation.sweep"),
+    "exit_quality": (("quality", "parameters"), "python -m lavis_free.reports.exit_quality"),
+}
 # PNGs each input's command writes next to its JSON
 COMPANION_PNGS = {
     "calibration": ("calib_sweep.png", "exit_histogram.png"),
@@ -30,15 +38,10 @@ COMPANION_PNGS = {
 }
 
 
-def _load(path: str, flag: str) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path}: no such file")
-    with open(path) as f:
-        return json.load(f)
-
-
 def summary_lines(calibration: Mapping[str, Any]) -> List[str]:
-    """A few lines: the calibrated threshold(s), their test figures, the oracle ceiling."""
+    """A few lines: the calibrated threshold(s), their test figures, the oracle ceiling. The
+    wall-clock speedup is printed beside the per-sample times it is the ratio of; tokens/s come
+    with the token counts, since early exit can change how many tokens a caption has."""
     metric, test = calibration["metric"], calibration["test"]
     full = test["full_depth"]
     lines = []
@@ -50,15 +53,21 @@ def summary_lines(calibration: Mapping[str, Any]) -> List[str]:
         if row is not None:
             lines.append(
                 f"  {test['split']} ({test['num_samples']} samples): {metric} {row['quality']:.3f} vs {full['quality']:.3f} "
-                f"at full depth ({-row['relative_drop'] * 100:+.1f}%), avg exit layer {row['avg_exit_layer']:.2f}/"
-                f"{test['num_layers']}, layer speedup {row['layer_speedup']:.2f}x, wall-clock speedup "
-                f"{row['wallclock_speedup']:.2f}x ({row['tokens_per_s']:.0f} vs {row['full_depth_tokens_per_s']:.0f} tokens/s)"
+                f"at full depth ({-row['relative_drop'] * 100:+.1f}%), avg layers run {row['avg_exit_layer']:.2f} of "
+                f"{test['num_layers']}, layer-count speedup {row['layer_speedup']:.2f}x"
+            )
+            lines.append(
+                f"  wall-clock speedup {row['wallclock_speedup']:.2f}x per sample ({row['ms_per_sample']:.1f} vs "
+                f"{row['full_depth_ms_per_sample']:.1f} ms per sample at full depth); throughput "
+                f"{row['tokens_per_s']:.0f} vs {row['full_depth_tokens_per_s']:.0f} tokens/s "
+                f"({row['num_tokens']} vs {row['full_depth_num_tokens']} tokens generated)"
             )
     oracle = calibration["oracle"]
     if oracle.get("num_tokens"):
-        lines.append(f"oracle exit ceiling on {test['split']} (zero quality loss): avg exit layer "
-                     f"{oracle['avg_exit_layer']:.2f}, layer speedup {oracle['layer_speedup']:.2f}x with the engine's "
-                     f"exit checks ({oracle['ideal_layer_speedup']:.2f}x without them)")
+        lines.append(f"oracle exit ceiling on {test['split']} (zero quality loss): avg layers run "
+                     f"{oracle['avg_exit_layer']:.2f} of {test['num_layers']}, layer-count speedup "
+                     f"{oracle['layer_speedup']:.2f}x with the engine's exit checks "
+                     f"({oracle['ideal_layer_speedup']:.2f}x without them)")
     return lines
 
 
@@ -112,25 +121,22 @@ def report_markdown(report: Mapping[str, Any], images: Mapping[str, List[str]]) 
 def write_report(out_dir: str, calibration_path: str, sweep_path: Optional[str] = None,
                  exit_quality_path: Optional[str] = None, progress: bool = True) -> Dict[str, str]:
     """Reads the inputs, copies their PNGs into `out_dir`, writes report.md and report.json."""
+    out = prepare_output_dir(out_dir)
     inputs = {"calibration": calibration_path, "sweep": sweep_path, "exit_quality": exit_quality_path}
-    loaded = {k: _load(p, f"--{k.replace('_', '-')}") for k, p in inputs.items() if p}
-    os.makedirs(out_dir, exist_ok=True)
+    loaded = {k: read_result(p, f"--{k.replace('_', '-')}", *INPUTS[k]) for k, p in inputs.items() if p}
     images: Dict[str, List[str]] = {}
     for kind in tqdm([k for k in inputs if k in loaded], desc="report", disable=not progress):
-        source_dir = os.path.dirname(os.path.abspath(inputs[kind]))
+        source_dir = Path(inputs[kind]).resolve().parent
         for name in COMPANION_PNGS[kind]:
-            source = os.path.join(source_dir, name)
-            if os.path.isfile(source):
-                target = os.path.join(out_dir, name)
-                if os.path.abspath(source) != os.path.abspath(target):
-                    shutil.copyfile(source, target)
+            source = source_dir / name
+            if source.is_file():
+                if source != (out / name).resolve():
+                    atomic_write(out / name, source.read_bytes())
                 images.setdefault(kind, []).append(name)
     report = build_report(loaded["calibration"], loaded.get("sweep"), loaded.get("exit_quality"))
-    paths = {"md": os.path.join(out_dir, "report.md"), "json": os.path.join(out_dir, "report.json")}
-    with open(paths["json"], "w") as f:
-        json.dump(report, f, indent=2)
-    with open(paths["md"], "w") as f:
-        f.write(report_markdown(report, images))
+    paths = {"md": str(out / "report.md"), "json": str(out / "report.json")}
+    atomic_write(paths["json"], json.dumps(report, indent=2))
+    atomic_write(paths["md"], report_markdown(report, images))
     return paths
 
 

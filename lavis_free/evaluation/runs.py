@@ -89,7 +89,7 @@ def load_project(cfg_path: str, options: Sequence[str] = (), device: Optional[st
     datasets = task.build_datasets(cfg)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = task.build_model(cfg).to(target).eval()
-    size = int(batch_size or cfg.run_cfg.get("batch_size_eval", 8))
+    size = int(batch_size if batch_size is not None else cfg.run_cfg.get("batch_size_eval", 8))
     if size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {size}")
     return Project(cfg_path, task, model, datasets, target, size, dict(getattr(task, "generate_kwargs", {})))
@@ -117,15 +117,24 @@ def default_metric(task: Any) -> str:
     return "CIDEr" if isinstance(task, FreeCaptionTask) else "accuracy"
 
 
-def quality_metrics(task: Any, results: List[Mapping[str, Any]], split: str) -> Dict[str, float]:
-    """Scores `valid_step` results of `split` with the task's own metric function (captions: the
-    task's `run.caption_scorers`; METEOR is slow to start, so sweeps may leave it out)."""
-    gt_files = getattr(task, "gt_files", {})
+def scored_loader(project: Project, split: str, max_samples: Optional[int] = None, dataset: Optional[str] = None,
+                  flag: str = "--split") -> DataLoader:
+    """`split_loader` for a split whose decodes will be scored: refuses, before anything is
+    decoded, a split without ground truth (e.g. train) rather than after decoding it."""
+    gt_files = getattr(project.task, "gt_files", {})
     if split not in gt_files:
-        raise ValueError(f"no ground truth known for split {split!r} (splits with one: {sorted(gt_files)})")
+        raise ValueError(f"{flag} {split}: no ground truth known for this split (splits with one: {sorted(gt_files)})")
+    return split_loader(project, split, max_samples, dataset)
+
+
+def quality_metrics(task: Any, results: List[Mapping[str, Any]], split: str) -> Dict[str, float]:
+    """Scores `valid_step` results of `split` (one `scored_loader` accepted) with the task's own
+    metric function (captions: the task's `run.caption_scorers`; METEOR is slow to start, so
+    sweeps may leave it out)."""
+    gt_file = task.gt_files[split]
     if isinstance(task, FreeCaptionTask):
-        return caption_metrics(results, gt_files[split], task.scorers)
-    return task.metric_fn(results, gt_files[split])
+        return caption_metrics(results, gt_file, task.scorers)
+    return task.metric_fn(results, gt_file)
 
 
 @dataclass
@@ -138,19 +147,34 @@ class SettingRun:
     tally: ExitTally
 
     def figures(self, metric: str) -> Dict[str, Any]:
+        """The row of a sweep or report. Time is given per sample (one caption or answer) and
+        throughput per token, each for this decoding and for the full-depth decoding of the same
+        samples (timed beside it; a full-depth run is its own reference): the wall-clock speedup
+        is the ratio of the per-sample times, which differs from the ratio of tokens/s when the
+        two decodings generate different numbers of tokens. `avg_exit_layer` is the average
+        number of decoder layers run per token (README: layer numbering)."""
         if metric not in self.metrics:
             raise ValueError(f"--metric {metric!r} is not reported; available: {sorted(self.metrics)}")
         summary = self.tally.summary()
+        tally = self.tally
+        beside = tally.full_seconds > 0
+        full_seconds, full_tokens = (tally.full_seconds, tally.full_tokens) if beside else (tally.seconds, tally.tokens)
+        samples = max(len(self.results), 1)
         return {
             **{k: v for k, v in self.settings.items() if k in EXIT_SETTING_KEYS},
             "quality": float(self.metrics[metric]),
             "avg_exit_layer": summary.get("avg_exit_layer"),
             "layer_speedup": summary.get("layer_speedup"),
             "wallclock_speedup": summary.get("wallclock_speedup", 1.0),
+            "ms_per_sample": 1000 * tally.seconds / samples,
+            "full_depth_ms_per_sample": 1000 * full_seconds / samples,
             "tokens_per_s": summary.get("tokens_per_s"),
             "full_depth_tokens_per_s": summary.get("full_depth_tokens_per_s", summary.get("tokens_per_s")),
-            "num_tokens": self.tally.tokens,
-            "seconds": self.tally.seconds,
+            "num_samples": len(self.results),
+            "num_tokens": tally.tokens,
+            "full_depth_num_tokens": full_tokens,
+            "seconds": tally.seconds,
+            "full_depth_seconds": full_seconds,
             "histogram": list(self.tally.histogram),
             "metrics": dict(self.metrics),
         }

@@ -7,7 +7,8 @@ caption) pair of an eval split, with the backbone teacher-forced on the caption:
   (b) `vanilla`, (c) `no_adversarial`, (d) `free`: trained exits at their exit layers;
 each scored by top-1 next-token accuracy against the caption and by agreement with the final
 layer's argmax. Parameter counts compare the exits of each layout (and FREE's discriminators,
-which exist only while training).
+which exist only while training). Layers follow the README's convention: the exit after layer i
+(0-based) has run i + 1 layers; tables and plots count "decoder layers run".
 
     python -m lavis_free.reports.exit_quality --cfg-path projects/free/shapes_caption.yaml \
         --free F.pth --vanilla V.pth --no-adversarial N.pth --split val --out reports/exits
@@ -22,6 +23,7 @@ from types import SimpleNamespace
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 from tqdm import tqdm
 
@@ -31,6 +33,8 @@ from lavis.common.registry import registry
 from omegaconf import OmegaConf
 from torch import nn
 
+from lavis_free.evaluation.outputs import atomic_write, prepare_output_dir
+from lavis_free.evaluation.plots import OUTSIDE_RIGHT, new_figure, save_figure
 from lavis_free.exits.config import EXIT_LAYOUTS, ExitConfig
 from lavis_free.exits.early_exits import BackboneOutputs, EarlyExits
 from lavis_free.exits.feature_cache import backbone_fingerprint
@@ -177,14 +181,10 @@ def layer_quality(models: Mapping[str, nn.Module], batches: Iterator[Dict[str, A
 STYLES = {"vanilla": ("tab:orange", "s"), "no_adversarial": ("tab:green", "^"), "free": ("tab:red", "o")}
 
 
-def plot_quality(report: Mapping[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def quality_figure(report: Mapping[str, Any]) -> Figure:
+    """Top-1 accuracy and agreement with the final layer against decoder layers run, per predictor."""
     quality = report["quality"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = new_figure(12, 4.2, ncols=2)
     for ax, metric in zip(axes, ("accuracy", "agreement")):
         head = quality[HEAD_ON_LAYER]
         ax.plot([r["layers_run"] for r in head], [r[metric] for r in head], color="grey", marker=".", label="(a) frozen head on layer")
@@ -195,35 +195,33 @@ def plot_quality(report: Mapping[str, Any], path: Path) -> None:
                 ax.plot([r["layers_run"] for r in rows], [r[metric] for r in rows], color=color, marker=marker, label=name)
         ax.set_xlabel("decoder layers run")
         ax.set_ylabel("top-1 accuracy vs caption" if metric == "accuracy" else "agreement with final layer")
+        ax.set_title("Top-1 accuracy against the caption" if metric == "accuracy" else "Agreement with the final layer",
+                     fontsize=10)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"teacher-forced exit quality ({report['split']}, {quality['num_tokens']} tokens)")
+    axes[1].legend(**OUTSIDE_RIGHT)
+    fig.suptitle(f"Teacher-forced exit quality ({report['split']}, {quality['num_tokens']} tokens)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def plot_parameters(report: Mapping[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def parameters_figure(report: Mapping[str, Any]) -> Figure:
+    """Trainable parameters of each exit, FREE against vanilla."""
     params = report["parameters"]
     layers = report["exit_layers"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax,) = new_figure(8.5, 4)
     width = 0.4
     for offset, name in ((-width / 2, "free"), (width / 2, "vanilla")):
         color, _ = STYLES[name]
         ax.bar([i + offset for i in range(len(layers))], params[name]["per_exit"], width, color=color,
                label=f"{name} (total {params[name]['total']:,})")
-    ax.set_xticks(range(len(layers)), [f"after layer {l}" for l in layers])
+    ax.set_xticks(range(len(layers)), [f"exit after layer {l}" for l in layers])
+    ax.set_xlabel("exit (decoder layers numbered from 0)")
     ax.set_ylabel("trainable parameters per exit")
-    ax.legend(fontsize=8)
+    ax.set_title("Exit parameters: FREE vs vanilla")
+    ax.legend(**OUTSIDE_RIGHT)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 # ---- command --------------------------------------------------------------------------------
@@ -241,6 +239,7 @@ def write_report(
     """Builds one model per given layout, scores them on `split`, writes JSON + PNGs to `out_dir`."""
     if not checkpoints:
         raise ValueError("give at least one of --free, --no-adversarial, --vanilla")
+    out = prepare_output_dir(out_dir)
     config = load_config(cfg_path, options)
     models = {layout: build_layout_model(config.model_cfg, layout, path, device) for layout, path in checkpoints.items()}
     prints = {name: backbone_fingerprint(m) for name, m in models.items()}
@@ -257,11 +256,9 @@ def write_report(
         "parameters": parameter_counts(reference),
         "quality": layer_quality(models, caption_batches(eval_dataset(config, split), batch_size, device, limit)),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "exit_quality.json").write_text(json.dumps(report, indent=1))
-    plot_quality(report, out / "exit_quality.png")
-    plot_parameters(report, out / "exit_parameters.png")
+    atomic_write(out / "exit_quality.json", json.dumps(report, indent=1))
+    save_figure(quality_figure(report), out / "exit_quality.png")
+    save_figure(parameters_figure(report), out / "exit_parameters.png")
     return report
 
 
