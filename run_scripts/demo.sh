@@ -13,8 +13,10 @@
 #
 # Settings (environment): OUT (default output/demo/<timestamp>), DATA (default data/shapes),
 # CFG (default projects/free/shapes_caption.yaml), TOLERANCE (default 0.01), VENV (default .venv),
-# SKIP_SETUP=1 with PYTHON=/path/to/python to use an existing environment, OMP_NUM_THREADS
-# (default 1: on a small shared CPU one torch thread is faster for this tiny model).
+# SKIP_SETUP=1 with PYTHON=/path/to/python to use an existing environment, TRAIN_THREADS (torch
+# threads of exit training, default: every core) and OMP_NUM_THREADS (of decoding, default 1);
+# measured by bench/threads.py: on a quiet 2-core machine 2 threads train 1.55x faster than 1,
+# while batch-1 decoding of this tiny model is 0.88x as fast (see README, "Threads").
 # For quick runs: SHAPES_ARGS (e.g. "--train 64 --val 16 --test 16"), TRAIN_OPTIONS (extra
 # train.py --options, e.g. "run.max_epoch=1"), EVAL_ARGS (extra calibrate arguments, e.g.
 # "--max-samples 8 --thresholds 0.5 0.9"), QUALITY_LIMIT (caption pairs scored in step 5).
@@ -26,6 +28,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+TRAIN_THREADS="${TRAIN_THREADS:-$(nproc)}"
 export VENV="${VENV:-$REPO/.venv}"
 OUT="${OUT:-output/demo/$(date +%Y%m%d%H%M%S)}"
 DATA="${DATA:-data/shapes}"
@@ -58,9 +61,10 @@ FEATURE_CACHE="$(mktemp -d -t lavis_free_demo_features.XXXXXX)"
 trap 'rm -rf "$FEATURE_CACHE"' EXIT
 stage "3/6 exit training: $CFG (log: $LOGS/train.log; feature cache, removed at exit: $FEATURE_CACHE)"
 DATA_OPTION="datasets.shapes_caption.build_info.storage=$DATA"
-# model.exits_checkpoint= : train from the exits' init, not from the exits shipped with the package
-"$PY" train.py --cfg-path "$CFG" --job-id exits \
-    --options "run.output_dir=$OUT/train" "$DATA_OPTION" "model.exits_checkpoint=" \
+# model.exits_checkpoint= : train from the exits' init, not from the exits shipped with the package;
+# run.test_splits=[] : step 4 evaluates on test (full depth and exits), so training need not
+OMP_NUM_THREADS="$TRAIN_THREADS" "$PY" train.py --cfg-path "$CFG" --job-id exits \
+    --options "run.output_dir=$OUT/train" "$DATA_OPTION" "model.exits_checkpoint=" "run.test_splits=[]" \
     "run.exit_feature_cache=$FEATURE_CACHE" "${TRAIN_EXTRA[@]}" 2>&1 | tee "$LOGS/train.log"
 RUN_DIR="$OUT/train/exits"
 CKPT="$(ls "$RUN_DIR"/checkpoint_best.pth 2>/dev/null \

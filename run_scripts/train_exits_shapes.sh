@@ -11,9 +11,11 @@
 #   bash run_scripts/train_exits_shapes.sh OUT_DIR [extra train.py --options, e.g. run.max_epoch=1]
 #
 # `bash run_scripts/train_exits_shapes.sh lavis_free/models/assets/shapes_tiny` rebuilds the
-# shipped exits. Uses $PYTHON, else $VENV/bin/python (VENV defaults to .venv). Torch runs on
-# $OMP_NUM_THREADS threads (default 1: on a 2-core machine shared with other jobs one thread is
-# several times faster than two for these tiny models).
+# shipped exits. Uses $PYTHON, else $VENV/bin/python (VENV defaults to .venv). Training runs on
+# $TRAIN_THREADS torch threads (default: every core; bench/threads.py measured 2 threads 1.55x
+# faster than 1 on a quiet 2-core machine; use 1 on a machine other jobs are using), the report
+# on $OMP_NUM_THREADS (default 1). The shipped exits were built with TRAIN_THREADS=1; float sums
+# depend on the thread count, so a bit-for-bit rebuild needs that too.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -33,6 +35,7 @@ if [[ ! -x "$PYTHON" ]]; then
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+TRAIN_THREADS="${TRAIN_THREADS:-$(nproc)}"
 
 DATA="${DATA:-data/shapes}"
 STAMP="$(date +%Y%m%d%H%M%S)"
@@ -58,8 +61,8 @@ for LAYOUT in free no_adversarial vanilla; do
     RUN_DIR="output/shapes_exits/$JOB"
     echo "== 2/4 train $LAYOUT exits: $RUN_DIR (log: $RUN_DIR.log)"
     t0=$(date +%s)
-    "$PYTHON" train.py --cfg-path "$CFG" --job-id "$JOB" \
-        --options "model.exits.layout=$LAYOUT" "model.exits_checkpoint=" \
+    OMP_NUM_THREADS="$TRAIN_THREADS" "$PYTHON" train.py --cfg-path "$CFG" --job-id "$JOB" \
+        --options "model.exits.layout=$LAYOUT" "model.exits_checkpoint=" "run.test_splits=[]" \
         "datasets.shapes_caption.build_info.storage=$DATA" "run.output_dir=output/shapes_exits" \
         "run.exit_feature_cache=$CACHE" "$@" > "$RUN_DIR.log" 2>&1 \
         || { tail -n 30 "$RUN_DIR.log" >&2; exit 1; }

@@ -9,8 +9,9 @@
 #   bash run_scripts/train_shapes_tiny.sh [extra train.py --options, e.g. run.max_epoch=1]
 #
 # Uses $PYTHON, else $VENV/bin/python (VENV defaults to .venv, see run_scripts/setup_env.sh).
-# Torch runs on $OMP_NUM_THREADS threads (default 1 here: on a 2-core machine shared with other
-# jobs one thread is several times faster than two; set OMP_NUM_THREADS=2 on an idle machine).
+# Torch runs on $OMP_NUM_THREADS threads (default 1: the shipped weights were built so, and float
+# sums depend on the thread count; on a quiet 2-core machine OMP_NUM_THREADS=2 trains faster,
+# see bench/threads.py and the README's "Threads").
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -23,6 +23,14 @@ def config(cfg_path, *options):
         ("model.exits_checkpint=x.pth", r"model\.exits_checkpint: unknown key \(did you mean model\.exits_checkpoint\?\)"),
         ("run.dist_timeout=5", r"run\.dist_timeout: unknown key \(did you mean run\.dist_timeout_min\?\)"),
         ("run.zzz=1", r"run\.zzz: unknown key; known run keys: .*max_epoch.*projects/free"),
+        ("runn.max_epoch=1", r"runn: unknown top-level section \(did you mean run\?\)"),
+        ("datasets.shapes_caption.build_info.storag=/x",
+         r"datasets\.shapes_caption\.build_info\.storag: unknown key \(did you mean datasets\.shapes_caption\.build_info\.storage\?\)"),
+        ("datasets.shapes_caption.vis_procesor.eval.name=x",
+         r"datasets\.shapes_caption\.vis_procesor: unknown key \(did you mean datasets\.shapes_caption\.vis_processor\?\)"),
+        ("run.max_epoch=0", r"run\.max_epoch=0 is invalid: expected an integer >= 1"),
+        ("run.batch_size_train=0", r"run\.batch_size_train=0 is invalid: expected an integer >= 1"),
+        ("run.batch_size_eval=2.5", r"run\.batch_size_eval=2\.5 is invalid: expected an integer >= 1"),
     ],
 )
 def test_unknown_option_key_is_an_error_with_a_close_match(option, message):

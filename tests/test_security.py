@@ -179,6 +179,20 @@ def test_files_without_tensors_of_the_model_are_refused(tmp_path, origin, match,
         MODEL_ROUTES[origin](path)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("origin", ["model.finetuned", "model.exits_checkpoint"])
+def test_non_finite_tensors_are_refused(tmp_path, origin, bad):
+    """A diverged run's weights would decode garbage (or nothing) without a word."""
+    source = tiny_model(**EXITS)
+    state = source.inference_state_dict() if origin == "model.exits_checkpoint" else source.state_dict()
+    key = sorted(k for k, v in state.items() if v.is_floating_point())[-1]
+    state = {**state, key: torch.full_like(state[key], bad)}
+    path = tmp_path / "diverged.pth"
+    torch.save(state, path)
+    with pytest.raises(ExitCheckpointError, match=rf"\({re.escape(origin)}\): {re.escape(key)} holds NaN or infinite"):
+        MODEL_ROUTES[origin](path)
+
+
 @pytest.mark.parametrize(
     "origin, load",
     [("model.exits_checkpoint", MODEL_ROUTES["model.exits_checkpoint"]),

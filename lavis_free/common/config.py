@@ -106,29 +106,77 @@ def _unknown_key_error(section: str, key: str, known: frozenset[str], documented
     )
 
 
-def check_known_keys(config: Mapping[str, Any]) -> None:
-    """Refuse a ``run.*`` or ``model.*`` key that nothing reads, naming it and a close match."""
-    run = config.get("run", None) or {}
-    known = known_run_keys()
-    for key in run:
+# The top-level sections LAVIS's Config reads; a dataset section's own keys beside `build_info`.
+SECTIONS = ("model", "datasets", "run")
+_DATASET_SECTION_KEYS = frozenset({"data_type", "build_info", "vis_processor", "text_processor"})
+
+
+@functools.lru_cache(maxsize=None)
+def known_dataset_keys(name: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(keys of ``datasets.<name>``, keys of its ``build_info``): those of the builder's default
+    dataset YAMLs, plus what LAVIS's builders and the builder class read."""
+    builder_cls = registry.get_builder_class(name)
+    section, build_info = set(_DATASET_SECTION_KEYS), set()
+    for config_type in builder_cls.DATASET_CONFIG_DICT:
+        dataset = OmegaConf.load(builder_cls.default_config_path(config_type)).datasets.get(name, {}) or {}
+        section |= set(dataset)
+        build_info |= set(dataset.get("build_info", {}) or {})
+    for klass in builder_cls.__mro__:
+        if klass.__module__.split(".")[0] in ("lavis", "lavis_free"):
+            build_info |= keys_read(inspect.getsource(klass), {"build_info", "info"})
+    return frozenset(section), frozenset(build_info)
+
+
+# run.* settings LAVIS reads unchecked that must be whole numbers of at least this much.
+RUN_MINIMUMS = {"max_epoch": 1, "batch_size_train": 1, "batch_size_eval": 1, "accum_grad_iters": 1, "num_workers": 0}
+
+
+def check_run_values(run: Mapping[str, Any]) -> None:
+    """A zero epoch count or batch size would train or evaluate nothing, or fail deep in torch."""
+    for key, low in RUN_MINIMUMS.items():
+        value = run.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"run.{key}={value!r} is invalid: expected an integer >= {low}")
+
+
+def _check_section(section: str, given: Iterable[str], known: frozenset[str], documented: str) -> None:
+    for key in given:
         if key not in known:
-            raise _unknown_key_error(
-                "run", key, known,
-                "They are read by LAVIS 1.0.2's runners and tasks and by lavis-free; the commented "
-                "project YAMLs in projects/free/ show them in use.",
-            )
+            raise _unknown_key_error(section, key, known, documented)
+
+
+def check_known_keys(config: Mapping[str, Any]) -> None:
+    """Refuse a top-level section, a ``run.*`` / ``model.*`` key, or a key of a dataset section
+    or its ``build_info`` that nothing reads, naming it and a close match; and run counts that
+    cannot work (:func:`check_run_values`)."""
+    for section in config:
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(str(section), SECTIONS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"{section}: unknown top-level section{hint}; a LAVIS config has {', '.join(SECTIONS)}")
+    _check_section(
+        "run", config.get("run", None) or {}, known_run_keys(),
+        "They are read by LAVIS 1.0.2's runners and tasks and by lavis-free; the commented "
+        "project YAMLs in projects/free/ show them in use.",
+    )
+    check_run_values(config.get("run", None) or {})
     model = config.get("model", None) or {}
     arch = model.get("arch", None)
-    if arch is None or registry.get_model_class(arch) is None:
-        return  # LAVIS's Config (and launch.check_registered_names) report the missing/unknown arch
-    known = known_model_keys(arch)
-    for key in model:
-        if key not in known:
-            raise _unknown_key_error(
-                "model", key, known,
-                f"They are the keys of {arch}'s model YAMLs ({', '.join(model_config_paths(registry.get_model_class(arch)))}) "
-                f"and those its from_config reads.",
-            )
+    if arch is not None and registry.get_model_class(arch) is not None:
+        # (a missing or unknown arch is reported by LAVIS's Config and launch.check_registered_names)
+        _check_section(
+            "model", model, known_model_keys(arch),
+            f"They are the keys of {arch}'s model YAMLs "
+            f"({', '.join(model_config_paths(registry.get_model_class(arch)))}) and those its from_config reads.",
+        )
+    for name, dataset in (config.get("datasets", None) or {}).items():
+        builder_cls = registry.get_builder_class(name)
+        if builder_cls is None or not dataset:
+            continue  # an unknown builder is reported by launch.check_registered_names
+        section, build_info = known_dataset_keys(name)
+        documented = f"They are the keys of the builder's default YAML ({builder_cls.default_config_path()})."
+        _check_section(f"datasets.{name}", dataset, section, documented)
+        _check_section(f"datasets.{name}.build_info", dataset.get("build_info", None) or {}, build_info, documented)
 
 
 class FreeConfig(Config):

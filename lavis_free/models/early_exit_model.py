@@ -167,8 +167,9 @@ class EarlyExitMixin:
         """LAVIS's `load_checkpoint` (a URL, or a file holding a state dict or `{"model": ...}`),
         loaded with `weights_only=True` and checked first; `origin` (the YAML key or argument the
         path came from) is named in every error. Refused: a file that shares no tensor with the
-        model, and, when `exits_required` and the model has exits, a file without exit tensors
-        (it would leave untrained exits deciding at the calibrated threshold)."""
+        model, a tensor holding NaN or infinity, and, when `exits_required` and the model has
+        exits, a file without exit tensors (it would leave untrained exits deciding at the
+        calibrated threshold)."""
         path = os.fspath(url_or_filename)
         if is_url(path):
             weights.require(weights.checkpoint(path, origin))
@@ -178,6 +179,9 @@ class EarlyExitMixin:
         source = f"{path} ({origin})"
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ExitCheckpointError(f"{source} is not a state dict (expected tensors by name, or {{'model': state dict}})")
+        non_finite = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if non_finite is not None:
+            raise ExitCheckpointError(f"{source}: {non_finite} holds NaN or infinite values (saved from a diverged run?)")
         self.check_exit_state(state, source, checkpoint.get(EXIT_METADATA), exits_required=exits_required)
         if not set(state) & set(self.state_dict()):
             example = f", e.g. {sorted(state)[:3]}" if state else ""
