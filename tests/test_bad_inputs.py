@@ -121,6 +121,23 @@ def test_bad_image_tensors_are_named(model, images, bad, match):
         model({"image": image, "text_input": ["a", "b"]})
 
 
+def test_a_clip_style_encoder_is_checked_by_its_own_input_size(images):
+    """LAVIS's CLIP ViT (`vit_model: clip_L`) has `conv1` and `input_resolution`, no `patch_embed`."""
+    clip_like = tiny()
+    clip_like.visual_encoder = torch.nn.Module()
+    clip_like.visual_encoder.conv1 = torch.nn.Conv2d(3, 4, kernel_size=8, stride=8)
+    clip_like.visual_encoder.input_resolution = 32
+    assert clip_like.check_images(images[:, :, :32, :32]).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match=rf"{IMAGE}.*\(2, 3, 64, 64\).*must be 32x32"):
+        clip_like.check_images(images)
+
+
+def test_training_text_is_one_string_per_image_or_one_for_all(model, images):
+    assert torch.isfinite(model({"image": images, "text_input": "a caption"})["loss"])
+    with pytest.raises(ValueError, match=r"samples\['text_input'\] has 3 entries for 2 images"):
+        model({"image": images, "text_input": ["a", "b", "c"]})
+
+
 def test_other_floating_dtypes_are_cast_to_the_encoder(model, images):
     expected = model.generate({"image": images}, num_beams=1, max_length=4)
     assert model.generate({"image": images.double()}, num_beams=1, max_length=4) == expected

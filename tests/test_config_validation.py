@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lavis_free.common.config import FreeConfig, keys_read, known_model_keys, known_run_keys
+import lavis
+
+from lavis_free.common.config import FreeConfig, check_known_keys, keys_read, known_model_keys, known_run_keys
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = REPO / "projects" / "free" / "shapes_caption.yaml"
@@ -51,6 +53,15 @@ def test_unknown_key_in_the_project_yaml_names_the_model_yamls(tmp_path):
 def test_every_shipped_project_yaml_passes(project):
     cfg = config(project)
     assert cfg.run_cfg.runner == "runner_free"
+
+
+LAVIS_PROJECTS = sorted((Path(lavis.__file__).parent / "projects").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("project", LAVIS_PROJECTS, ids=lambda p: str(p.relative_to(p.parents[2])))
+def test_every_lavis_project_yaml_passes(project):
+    """A LAVIS user's own YAMLs (`datasets.*.type`, `model.load_pretrained`, ...) are not refused."""
+    check_known_keys(OmegaConf.load(project))
 
 
 def test_known_keys_come_from_what_lavis_and_the_plugin_read():

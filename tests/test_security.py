@@ -18,11 +18,12 @@ from PIL import Image
 
 import lavis_free
 from lavis_free.common.launch import build_runner, parse_args
-from lavis_free.common.safe_load import CheckpointLoadError, load_torch_file
+from lavis_free.common.safe_load import CheckpointLoadError, forced_weights_only, load_torch_file
 from lavis_free.datasets.shards import shard_train_pipeline
 from lavis_free.exits.feature_cache import FeatureCache
 from lavis_free.models.blip2_opt_free import Blip2OPTFree
 from lavis_free.models.early_exit_model import ExitCheckpointError
+from lavis_free.models import tiny
 from lavis_free.models.export import export_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +64,23 @@ def test_the_payloads_are_live(tmp_path, marker):
             torch.load(path, weights_only=False)
         assert marker.exists(), path
         marker.unlink()
+
+
+def test_library_loaders_the_plugin_routes_are_weights_only(tmp_path, marker):
+    """transformers 4.26's from_pretrained (and LAVIS's ViT loaders) call a bare torch.load; the
+    plugin's component hooks run them under forced_weights_only."""
+    local_opt = tmp_path / "opt"
+    tokenizer = tiny.load_opt_tokenizer()
+    tiny.build_opt(OmegaConf.load(Blip2OPTFree.default_config_path("tiny")).model.opt_config, tokenizer).save_pretrained(local_opt)
+    tokenizer.save_pretrained(local_opt)
+    torch.save({"model.decoder.embed_tokens.weight": Payload(marker)}, local_opt / "pytorch_model.bin")
+    with pytest.raises(OSError, match="Unable to load weights"):
+        Blip2OPTFree.init_opt(str(local_opt))
+    assert not marker.exists()
+    original = torch.load
+    with forced_weights_only(), pytest.raises(pickle.UnpicklingError):
+        torch.load(payload_files(tmp_path, marker)[0], weights_only=False)
+    assert not marker.exists() and torch.load is original
 
 
 # ---- webdataset shards -------------------------------------------------------------------------

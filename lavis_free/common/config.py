@@ -34,7 +34,9 @@ RUN_KEY_SOURCES = (
 )
 # Read under a variable name rather than a literal key: LAVIS's Config reads ``model.arch`` and
 # ``model.model_type`` off its ``model`` section; ``run.optim`` keys are read in a loop.
-_MODEL_SECTION_KEYS = frozenset({"arch", "model_type"})
+# `load_pretrained` is read by nothing in LAVIS 1.0.2 but its own pretrain_stage{1,2}.yaml carry
+# it; accepted so that LAVIS's project YAMLs run unchanged.
+_MODEL_SECTION_KEYS = frozenset({"arch", "model_type", "load_pretrained"})
 _MAPPING_METHODS = frozenset({"get", "items", "keys", "values", "pop", "copy", "setdefault", "update"})
 
 
@@ -106,9 +108,10 @@ def _unknown_key_error(section: str, key: str, known: frozenset[str], documented
     )
 
 
-# The top-level sections LAVIS's Config reads; a dataset section's own keys beside `build_info`.
+# The top-level sections LAVIS's Config reads; a dataset section's own keys beside `build_info`
+# (`type` is the builder's config type, read by LAVIS's Config.build_dataset_config).
 SECTIONS = ("model", "datasets", "run")
-_DATASET_SECTION_KEYS = frozenset({"data_type", "build_info", "vis_processor", "text_processor"})
+_DATASET_SECTION_KEYS = frozenset({"data_type", "build_info", "vis_processor", "text_processor", "type"})
 
 
 @functools.lru_cache(maxsize=None)

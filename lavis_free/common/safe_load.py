@@ -7,6 +7,10 @@ checkpoint, exits file, feature-cache entry and runner checkpoint the plugin rea
 through here with ``weights_only=True`` (which the environment variable cannot override), and each
 way a file can be unusable becomes one error that names the file and the setting it came from.
 
+Library code that loads for the plugin with a bare ``torch.load`` (LAVIS's EVA/CLIP ViT loaders,
+transformers 4.26's ``from_pretrained`` of ``pytorch_model.bin``) runs inside
+:func:`forced_weights_only`, so those files get the same unpickler.
+
 What is allowed: torch's weights-only unpickler (tensors, dtypes, ``torch.Size``, ``OrderedDict``,
 dicts, lists, tuples, strings, numbers, booleans, None). No extra classes are allow-listed, because
 nothing that LAVIS or this plugin writes needs one: LAVIS 1.0.2's ``RunnerBase._save_checkpoint``
@@ -19,10 +23,12 @@ an unsafe re-run.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import pickle
 import re
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 import torch
 
@@ -67,3 +73,25 @@ def load_torch_file(path: str, origin: str) -> Dict[str, Any]:
             "{'model': state dict, ...})"
         )
     return checkpoint
+
+
+@contextlib.contextmanager
+def forced_weights_only() -> Iterator[None]:
+    """Every ``torch.load`` inside the block uses ``weights_only=True``, whatever its caller asks.
+
+    For library loaders the plugin routes (see the module docstring) that cannot be given the
+    argument. ``torch.load`` is replaced for the duration of the block, process-wide: a load in
+    another thread meanwhile is weights-only too, which is only ever safer.
+    """
+    original = torch.load
+
+    @functools.wraps(original)
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = weights_only_load
+    try:
+        yield
+    finally:
+        torch.load = original

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Sequence, Union
 
+from lavis_free.common.files import write_atomically
+
 
 class OutputDirError(OSError):
     """The output directory cannot be created or written."""
@@ -43,19 +45,9 @@ def prepare_output_dir(path: Union[str, Path], flag: str = "--out") -> Path:
 
 
 def atomic_write(path: Union[str, Path], data: Union[str, bytes]) -> Path:
-    """Writes `data` (text as UTF-8) to a temporary file beside `path`, then renames it over
-    `path` (`os.replace`, atomic on one file system). The temporary name carries the process
-    id, as the feature cache's and the runner's checkpoint writes do, and gets the usual
-    permissions (a `tempfile` file would be private to the user)."""
-    target = Path(path)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
-    try:
-        partial.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return target
+    """Writes `data` (text as UTF-8) to `path` atomically (see `write_atomically`)."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    return write_atomically(path, lambda partial: partial.write_bytes(payload))
 
 
 def read_result(path: Union[str, Path], flag: str, required: Sequence[str], writer: str,

@@ -29,13 +29,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
+from lavis_free.common.files import write_atomically
 from lavis_free.common.safe_load import CheckpointLoadError, load_torch_file
 from lavis_free.exits.early_exits import BackboneOutputs
 
@@ -115,9 +115,8 @@ class FeatureCache:
                     f"(differs in {differing}); delete it or choose another directory"
                 )
             return
-        partial = path.with_name(f"{MANIFEST}.{os.getpid()}.part")
-        partial.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
-        os.replace(partial, path)
+        manifest = json.dumps(self.fingerprint, indent=1, sort_keys=True)
+        write_atomically(path, lambda partial: partial.write_text(manifest))
 
     def _path(self, key: str) -> Path:
         name = hashlib.sha1(key.encode()).hexdigest()
@@ -161,9 +160,7 @@ class FeatureCache:
             }
             path = self._path(key)
             path.parent.mkdir(exist_ok=True)
-            partial = path.with_name(f"{path.name}.{os.getpid()}.part")
-            torch.save(item, partial)
-            os.replace(partial, path)
+            write_atomically(path, lambda partial: torch.save(item, partial))
 
 
 def _pad_batch(items: List[Dict[str, torch.Tensor]], device: torch.device, dtype: torch.dtype) -> BackboneOutputs:

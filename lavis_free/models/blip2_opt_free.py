@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizer
 
 from lavis_free.models import weights
+from lavis_free.common.safe_load import forced_weights_only
 from lavis_free.models import tiny
 from lavis_free.models.early_exit_model import EarlyExitMixin
 from lavis_free.models.opt_lm import CachedOPTForCausalLM
@@ -219,9 +220,10 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
                     f"{[TINY_VIT] + sorted(weights.VIT_URLS)}"
                 )
             weights.require(weights.vision_weights(model_name))
-            return super().init_vision_encoder(
-                model_name, img_size, drop_path_rate, use_grad_checkpoint, precision
-            )
+            with forced_weights_only():
+                return super().init_vision_encoder(
+                    model_name, img_size, drop_path_rate, use_grad_checkpoint, precision
+                )
         encoder = tiny.build_vision_encoder(
             img_size, vision, drop_path_rate, use_grad_checkpoint, precision
         )
@@ -239,7 +241,8 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         """A Q-Former from `qformer` (built in code) when given, else LAVIS's bert-base one."""
         if qformer is None:
             weights.require(weights.BERT_QFORMER)
-            return super().init_Qformer(num_query_token, vision_width, cross_attention_freq)
+            with forced_weights_only():
+                return super().init_Qformer(num_query_token, vision_width, cross_attention_freq)
         model = tiny.build_qformer(
             num_query_token, vision_width, qformer, vocab_size, cross_attention_freq
         )
@@ -259,7 +262,8 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         weights.require(weights.opt_lm(opt_model))
         tokenizer = AutoTokenizer.from_pretrained(opt_model, use_fast=False)
         dtype = torch.float16 if torch.cuda.is_available() else torch.float32
-        return tokenizer, CachedOPTForCausalLM.from_pretrained(opt_model, torch_dtype=dtype)
+        with forced_weights_only():
+            return tokenizer, CachedOPTForCausalLM.from_pretrained(opt_model, torch_dtype=dtype)
 
     def _drop_qformer_text_branch(self) -> None:
         """BLIP-2 OPT uses only the Q-Former's query path; free its text-only modules."""
@@ -278,9 +282,7 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         Why: a wrong tensor otherwise fails deep in the ViT (an assert on the size, a dtype or
         device error in a convolution) and non-finite pixels decode into captions without a word.
         Raises TypeError/ValueError naming samples['image'], what it got and what is expected."""
-        embed = self.visual_encoder.patch_embed
-        height, width = embed.img_size
-        channels, weight = embed.proj.in_channels, embed.proj.weight
+        channels, height, width, weight = self._vision_input()
         expected = (
             f"expected a floating-point tensor [B, {channels}, {height}, {width}] with B >= 1 on "
             f"{weight.device} (the model's vis_processors give [{channels}, {height}, {width}] per image)"
@@ -303,9 +305,21 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
             raise ValueError(f"{got}: it holds NaN or infinite values; {expected} with finite values")
         return image.to(weight.dtype)
 
+    def _vision_input(self) -> Tuple[int, int, int, torch.Tensor]:
+        """(channels, height, width, first conv's weight) of the vision encoder's input: LAVIS's
+        EVA ViTs patch-embed through `patch_embed`, its CLIP ViT through `conv1`."""
+        encoder = self.visual_encoder
+        if hasattr(encoder, "patch_embed"):
+            (height, width), conv = encoder.patch_embed.img_size, encoder.patch_embed.proj
+        else:
+            height = width = encoder.input_resolution
+            conv = encoder.conv1
+        return conv.in_channels, height, width, conv.weight
+
     def encode_image_queries(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Images [B, 3, H, W] -> (query embeddings in the LM's space [B, Q, D], mask [B, Q])."""
-        image = self.check_images(image)
+        """Images [B, 3, H, W] (checked by the entry points: `check_images`) -> (query embeddings
+        in the LM's space [B, Q, D], mask [B, Q])."""
+        image = image.to(self._vision_input()[3].dtype)
         with self.maybe_autocast():
             image_embeds = self.ln_vision(self.visual_encoder(image))
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
@@ -355,9 +369,10 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         """Teacher-forcing inputs for `samples["text_input"]`: (inputs_embeds, attention_mask,
         labels). LAVIS semantics: the text already holds the prompt, if any; its first
         `prompt_length` tokens, the image queries and the padding are labelled -100."""
-        image = samples["image"]
+        image = self.check_images(_samples_entry(samples, "image"))
         inputs_opt, atts_opt = self.encode_image_queries(image)
-        tokens = self.tokenize([t + "\n" for t in samples["text_input"]], image.device, "right")
+        texts = _text_batch(_samples_entry(samples, "text_input"), "text_input", len(image))
+        tokens = self.tokenize([t + "\n" for t in texts], image.device, "right")
         targets = tokens.input_ids.masked_fill(tokens.attention_mask == 0, -100)
         if self.prompt:
             targets[:, : int(self.prompt_length)] = -100
@@ -569,10 +584,7 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         them) are accepted and unused: only `inference_method="generate"` exists here.
         `generate_kwargs` are `generate`'s decoding and early-exit options; any other keyword is
         a TypeError, because a misspelt option (`exit_treshold`) would otherwise be ignored."""
-        own = set(inspect.signature(self.predict_answers).parameters) - {"generate_kwargs"}
-        passed_on = set(inspect.signature(self.generate_from_prompts).parameters) - {
-            "image", "prompts", "num_beams", "max_length", "min_length", "length_penalty"
-        }
+        own, passed_on = _PREDICT_ANSWERS_ARGS, _GENERATE_OPTIONS
         for name in generate_kwargs:
             if name not in passed_on:
                 close = difflib.get_close_matches(name, own | passed_on, n=1)
@@ -664,3 +676,10 @@ class Blip2OPTFree(EarlyExitMixin, Blip2OPT):
         path = cfg.get("exits_checkpoint")
         if path:
             self.load_checkpoint(resolve_checkpoint(path, "exits_checkpoint"), origin="model.exits_checkpoint")
+
+
+# predict_answers' own arguments, and the generate_from_prompts options it passes on as keywords
+_PREDICT_ANSWERS_ARGS = frozenset(inspect.signature(Blip2OPTFree.predict_answers).parameters) - {"self", "generate_kwargs"}
+_GENERATE_OPTIONS = frozenset(inspect.signature(Blip2OPTFree.generate_from_prompts).parameters) - {
+    "self", "image", "prompts", "num_beams", "max_length", "min_length", "length_penalty"
+}

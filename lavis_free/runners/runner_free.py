@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -39,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lavis_free.common.device_mode import cuda_requests_on_cpu
 from lavis_free.common.dist import barrier, gather_values
+from lavis_free.common.files import write_atomically
 from lavis_free.common.paths import output_dir_for, set_registry_path
 from lavis_free.common.safe_load import load_torch_file
 from lavis_free.models.early_exit_model import EXIT_METADATA, EarlyExitMixin
@@ -311,9 +311,7 @@ class RunnerFree(RunnerBase):
         }
         path = Path(self.output_dir) / name
         logger.info("Saving checkpoint at epoch %d to %s.", cur_epoch, path)
-        partial = path.with_suffix(".pth.part")
-        torch.save(save_obj, partial)
-        os.replace(partial, path)
+        write_atomically(path, lambda partial: torch.save(save_obj, partial))
 
     def _reload_best_model(self, model: torch.nn.Module) -> torch.nn.Module:
         path = Path(self.output_dir) / BEST_CHECKPOINT
