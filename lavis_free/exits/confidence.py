@@ -27,10 +27,14 @@ def margin(logits: torch.Tensor) -> torch.Tensor:
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """One minus the entropy normalised by log(vocab): 1 for a one-hot distribution."""
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    ent = -(log_p.exp() * log_p).sum(dim=-1)
-    return 1.0 - ent / math.log(logits.shape[-1])
+    """One minus the entropy normalised by log(vocab): 1 for a one-hot distribution.
+
+    `xlogy` makes 0 * log 0 = 0, so tokens masked to -inf (EOS while `min_length` holds) do not
+    turn the confidence into NaN; the clamp keeps float rounding of a uniform distribution's
+    entropy from leaving [0, 1] (a row at threshold 0 must always be able to leave)."""
+    p = torch.softmax(logits.float(), dim=-1)
+    ent = -torch.special.xlogy(p, p).sum(dim=-1)
+    return (1.0 - ent / math.log(logits.shape[-1])).clamp(0.0, 1.0)
 
 
 _CONFIDENCE_FNS: Dict[str, ConfidenceFn] = {"max_prob": max_prob, "margin": margin, "entropy": entropy}
