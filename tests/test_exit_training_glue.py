@@ -1,0 +1,103 @@
+"""The glue around the FREE loop: settings, the no-exits fallback, optimizer groups, gradient
+averaging and the feature cache's fingerprint (the parts mutation testing found unpinned)."""
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+from lavis.tasks.base_task import BaseTask
+from omegaconf import OmegaConf
+from torch import nn
+
+import lavis_free.tasks.exit_training as exit_training
+from lavis_free.exits.feature_cache import FeatureCacheError
+from lavis_free.models.blip2_opt_free import Blip2OPTFree
+from lavis_free.tasks.captioning import FreeCaptionTask
+from lavis_free.tasks.exit_training import ExitTrainer, ExitTrainingSettings, _by_group, unwrap
+
+
+def tiny(**overrides):
+    cfg = OmegaConf.merge(OmegaConf.load(Blip2OPTFree.default_config_path("tiny")).model, overrides)
+    torch.manual_seed(0)
+    return Blip2OPTFree.from_config(cfg)
+
+
+@pytest.mark.parametrize("run_cfg", [None, {}, OmegaConf.create({"seed": 1})])
+def test_settings_defaults(run_cfg):
+    assert ExitTrainingSettings.from_run_config(run_cfg) == ExitTrainingSettings(
+        feature_cache=None, feature_cache_dtype="float32", pseudo_max_len=30, pseudo_min_len=1
+    )
+
+
+def test_settings_read_the_run_keys():
+    settings = ExitTrainingSettings.from_run_config(OmegaConf.create(
+        {"exit_feature_cache": "/tmp/c", "exit_feature_cache_dtype": "float16", "max_len": 7, "min_len": 3}
+    ))
+    assert settings == ExitTrainingSettings("/tmp/c", "float16", 7, 3)
+
+
+@pytest.mark.parametrize("value", ["", 3])
+def test_settings_refuse_a_cache_that_is_not_a_path(value):
+    with pytest.raises(ValueError, match=rf"run\.exit_feature_cache={value!r}: expected a directory path or null"):
+        ExitTrainingSettings.from_run_config({"exit_feature_cache": value})
+
+
+def test_a_task_trains_a_model_without_exits_with_lavis_loop_and_its_arguments(monkeypatch):
+    """Stage 1 through a free task: LAVIS's train_epoch, given every argument unchanged."""
+    seen = {}
+    monkeypatch.setattr(BaseTask, "train_epoch", lambda self, **kwargs: seen.update(kwargs) or {"loss": "0"})
+    model = tiny()
+    task = FreeCaptionTask(num_beams=1, max_len=5, min_len=1, evaluate=False)
+    arguments = dict(epoch=3, model=model, data_loader="loader", optimizer="opt", lr_scheduler="sched",
+                     scaler="scaler", cuda_enabled=True, log_freq=7, accum_grad_iters=2)
+    assert task.train_epoch(**arguments) == {"loss": "0"}
+    assert seen == arguments
+
+
+def test_by_group_wraps_a_single_optimizer_and_checks_every_mapping():
+    assert _by_group("opt", "sched", ["generator"]) == ({"generator": "opt"}, {"generator": "sched"})
+    groups = ["discriminator", "generator"]
+    both = {"discriminator": 1, "generator": 2}
+    assert _by_group(both, both, groups) == (both, both)
+    with pytest.raises(ValueError, match=r"per group \['discriminator', 'generator'\]; got \['generator'\] and "
+                                         r"\['discriminator', 'generator'\]"):
+        _by_group({"generator": 2}, both, groups)
+    with pytest.raises(ValueError, match=r"got \['discriminator', 'generator'\] and \['generator'\]"):
+        _by_group(both, {"generator": 2}, groups)
+
+
+def test_gradients_and_logs_are_averaged_over_the_processes(monkeypatch):
+    """A faked 2-process group whose other rank holds 3x this rank's values: the mean is 2x."""
+    monkeypatch.setattr(exit_training, "is_dist_avail_and_initialized", lambda: True)
+    monkeypatch.setattr(exit_training, "get_world_size", lambda: 2)
+    monkeypatch.setattr(exit_training, "collective_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(exit_training.dist, "all_reduce", lambda tensor: tensor.mul_(4))
+    params = [nn.Parameter(torch.zeros(2, 3)), nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(2, dtype=torch.float64))]
+    params[0].grad = torch.arange(6.0).view(2, 3)
+    params[2].grad = torch.tensor([1.0, -2.0], dtype=torch.float64)  # params[1] got no gradient
+    logs = exit_training._average_across_processes(params, {"loss_a": 1.5, "loss_b": -0.25})
+    assert logs == {"loss_a": 3.0, "loss_b": -0.5}
+    torch.testing.assert_close(params[0].grad, 2 * torch.arange(6.0).view(2, 3))
+    torch.testing.assert_close(params[1].grad, torch.zeros(4))
+    torch.testing.assert_close(params[2].grad, torch.tensor([2.0, -4.0], dtype=torch.float64))
+
+
+def test_unwrap_returns_the_module_inside_ddp(tmp_path):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
+    try:
+        inner = nn.Linear(2, 2)
+        assert unwrap(nn.parallel.DistributedDataParallel(inner)) is inner
+        assert unwrap(inner) is inner
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_feature_cache_is_keyed_by_the_prompt(tmp_path):
+    """Features depend on the prompt tokens: a cache filled under one prompt must not serve another."""
+    settings = ExitTrainingSettings(feature_cache=str(tmp_path / "cache"))
+    exits = {"exits": {"layers": [2, 5]}}
+    ExitTrainer(settings).feature_cache(tiny(prompt="a photo of", **exits))
+    ExitTrainer(settings).feature_cache(tiny(prompt="a photo of", **exits))  # same settings: reused
+    with pytest.raises(FeatureCacheError, match=r"differs in \['prompt'\]"):
+        ExitTrainer(settings).feature_cache(tiny(prompt="a picture of", **exits))
