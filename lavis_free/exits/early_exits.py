@@ -30,14 +30,6 @@ class BackboneOutputs:
     attention_mask: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T], -100 where no loss
 
-    def to(self, device: torch.device) -> "BackboneOutputs":
-        return BackboneOutputs(
-            [x.to(device) for x in self.exit_inputs],
-            self.final_features.to(device),
-            self.attention_mask.to(device),
-            self.labels.to(device),
-        )
-
 
 @dataclass
 class ExitOutputs:
