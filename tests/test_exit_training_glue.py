@@ -10,10 +10,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import lavis_free.tasks.exit_training as exit_training
-from lavis_free.exits.feature_cache import FeatureCacheError
+from lavis_free.exits.feature_cache import FeatureCache, FeatureCacheError, sample_keys
 from lavis_free.models.blip2_opt_free import Blip2OPTFree
 from lavis_free.tasks.captioning import FreeCaptionTask
-from lavis_free.tasks.exit_training import ExitTrainer, ExitTrainingSettings, _by_group, unwrap
+from lavis_free.tasks.exit_training import PROMPT_KEY, ExitTrainer, ExitTrainingSettings, PseudoLabels, _by_group, unwrap
+from lavis_free.tasks.vqa import FreeVQATask
 
 
 def tiny(**overrides):
@@ -93,11 +94,69 @@ def test_unwrap_returns_the_module_inside_ddp(tmp_path):
         dist.destroy_process_group()
 
 
-def test_the_feature_cache_is_keyed_by_the_prompt(tmp_path):
-    """Features depend on the prompt tokens: a cache filled under one prompt must not serve another."""
-    settings = ExitTrainingSettings(feature_cache=str(tmp_path / "cache"))
+@pytest.mark.parametrize("setting, first, second", [("prompt", "a photo of", "a picture of"), ("max_txt_len", 32, 16)])
+def test_the_feature_cache_is_keyed_by_what_shapes_the_lm_input(tmp_path, setting, first, second):
+    """Features depend on the prompt tokens and the truncation: a cache filled under one setting
+    must not serve another; the cache's parent directories are created as needed."""
+    root = tmp_path / "new" / "parents" / "cache"
+    settings = ExitTrainingSettings(feature_cache=str(root))
     exits = {"exits": {"layers": [2, 5]}}
-    ExitTrainer(settings).feature_cache(tiny(prompt="a photo of", **exits))
-    ExitTrainer(settings).feature_cache(tiny(prompt="a photo of", **exits))  # same settings: reused
-    with pytest.raises(FeatureCacheError, match=r"differs in \['prompt'\]"):
-        ExitTrainer(settings).feature_cache(tiny(prompt="a picture of", **exits))
+    ExitTrainer(settings).feature_cache(tiny(**{setting: first}, **exits))
+    ExitTrainer(settings).feature_cache(tiny(**{setting: first}, **exits))  # same settings: reused
+    with pytest.raises(FeatureCacheError, match=rf"run\.exit_feature_cache='{root}' was filled .*differs in \['{setting}'\]"):
+        ExitTrainer(settings).feature_cache(tiny(**{setting: second}, **exits))
+
+
+def test_a_single_sample_batch_round_trips_through_the_feature_cache(tmp_path):
+    host = tiny(exits={"layers": [2, 5]})
+    samples = {"image": torch.randn(1, 3, 64, 64), "text_input": ["a red circle"]}
+    fresh = host.exit_backbone_outputs(samples)
+    cache = FeatureCache(str(tmp_path / "cache"), "float16", {"backbone": "x"})
+    cache.store(sample_keys(samples), fresh)
+    loaded = cache.load(sample_keys(samples), torch.device("cpu"), torch.float32)
+    assert loaded.final_features.dtype == torch.float32 and loaded.final_features.shape == fresh.final_features.shape
+    torch.testing.assert_close(loaded.final_features, fresh.final_features, atol=2e-2, rtol=1e-2)
+
+
+def test_exit_training_text_uses_the_task_prompt():
+    task = FreeVQATask(num_beams=1, max_len=5, min_len=1, evaluate=False, num_ans_candidates=1, prompt="Question: {} Answer:")
+    samples = task.exit_lm_samples({"text_input": ["what colour?"], "text_output": ["red"]})
+    assert samples[PROMPT_KEY] == ["Question: what colour? Answer:"]
+    assert samples["text_input"] == ["Question: what colour? Answer: red"]
+
+
+def test_the_exit_loop_gets_the_runner_arguments(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(ExitTrainer, "train_epoch", lambda self, *args, **kwargs: seen.update(args=args, **kwargs) or {})
+    task = FreeCaptionTask(num_beams=1, max_len=5, min_len=1, evaluate=False)
+    model = tiny(exits={"layers": [2, 5]})
+    task.train_epoch(epoch=2, model=model, data_loader="loader", optimizer="opt", lr_scheduler="sched",
+                     scaler="scaler", cuda_enabled=True, log_freq=9, accum_grad_iters=1)
+    assert seen["args"] == (2, model, "loader", "opt", "sched")
+    assert {k: seen[k] for k in ("scaler", "cuda_enabled", "log_freq", "accum_grad_iters")} == {
+        "scaler": "scaler", "cuda_enabled": True, "log_freq": 9, "accum_grad_iters": 1}
+
+
+class _RecordingHost:
+    """Stands in for a host model: records what pseudo labels are generated from."""
+
+    prompt = " a photo of "
+
+    def __init__(self):
+        self.calls = []
+
+    def generate_from_prompts(self, images, prompts, **kwargs):
+        self.calls.append((len(images), list(prompts), kwargs))
+        return [f"text {i}" for i in range(len(prompts))]
+
+
+def test_pseudo_labels_continue_the_right_prompts_with_the_run_lengths():
+    host, labels = _RecordingHost(), PseudoLabels(max_len=7, min_len=2)
+    images = torch.randn(2, 3, 8, 8)
+    captions = labels.relabel(host, {"image": images, "text_input": ["x", "y"]})
+    assert host.calls[-1] == (2, ["a photo of", "a photo of"],
+                              {"num_beams": 1, "max_length": 7, "min_length": 2, "early_exit": False})
+    assert captions["text_input"] == ["a photo of text 0", "a photo of text 1"]
+    questions = {"image": images + 1, "text_input": ["q1", "q2"], PROMPT_KEY: ["Q: q1 A:", "Q: q2 A:"]}
+    labels.relabel(host, questions)
+    assert host.calls[-1][1] == ["Q: q1 A:", "Q: q2 A:"]
