@@ -193,6 +193,15 @@ class Ctx:
                 run_project(self, [f"run.exit_feature_cache={cache}"], job_id="fixture")
         return str(ckpt), str(cache)
 
+    def cache_with_victim(self) -> Tuple[Path, Path]:
+        """A copy of the trained fixture's feature cache and one of its entries (for damaging),
+        whose name the error or warning must carry."""
+        copy = self.dir / "cache"
+        shutil.copytree(self.trained()[1], copy)
+        victim = sorted(copy.glob("*/*.pt"))[0]
+        self.extra_expect.append(victim.name)
+        return copy, victim
+
     def calibration(self) -> str:
         where = self.fixture_dir("calibrate")
         path = where / "out/calibration.json"
@@ -416,11 +425,7 @@ def payload_resume_force_unsafe(ctx: Ctx) -> None:
 @probe("security", "crafted pickle as a feature-cache entry (run.exit_feature_cache), with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1",
        **SAFE)
 def payload_feature_cache(ctx: Ctx) -> Optional[Outcome]:
-    _, cache = ctx.trained()
-    copy = ctx.dir / "cache"
-    shutil.copytree(cache, copy)
-    victim = sorted(copy.glob("*/*.pt"))[0]
-    ctx.extra_expect.append(victim.name)
+    copy, victim = ctx.cache_with_victim()
     import torch
 
     torch.save(Payload(ctx.marker), victim)
@@ -825,11 +830,7 @@ def missing_data_dir(ctx: Ctx) -> None:
 
 @probe(RUNS, "corrupted (truncated) feature-cache entry in run.exit_feature_cache", timeout=120)
 def corrupted_cache_entry(ctx: Ctx) -> Optional[Outcome]:
-    _, cache = ctx.trained()
-    copy = ctx.dir / "cache"
-    shutil.copytree(cache, copy)
-    victim = sorted(copy.glob("*/*.pt"))[0]
-    ctx.extra_expect.append(victim.name)
+    copy, victim = ctx.cache_with_victim()
     victim.write_bytes(victim.read_bytes()[:40])
     run_project(ctx, [f"run.exit_feature_cache={copy}"])
     return recomputed(victim)
