@@ -76,7 +76,7 @@ def gloo_epoch(shapes_data_dir, tmp_path_factory):
     """Per rank: the split's rows, the rows trained on in one epoch, trainable weights before and after."""
     out = tmp_path_factory.mktemp("gloo_shards")
     mp.start_processes(_train_worker, args=(_free_port(), shapes_data_dir, str(out)), nprocs=WORLD, start_method="fork")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 def test_each_rank_trains_on_its_own_shard_and_together_on_the_whole_split(gloo_epoch):
