@@ -14,15 +14,14 @@ from PIL import ImageFile
 
 from lavis_free.datasets.map_datasets import ImageFileError
 from lavis_free.datasets.shapes import generate_dataset
-from lavis_free.models.blip2_opt_free import Blip2OPTFree
+
+from helpers import tiny_model
 
 IMAGE = r"samples\['image'\]"
 
 
 def tiny(**overrides):
-    cfg = OmegaConf.merge(OmegaConf.load(Blip2OPTFree.default_config_path("tiny")).model, overrides)
-    torch.manual_seed(0)
-    return Blip2OPTFree.from_config(cfg).eval()
+    return tiny_model(**overrides).eval()
 
 
 def exit_model():

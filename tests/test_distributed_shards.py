@@ -8,7 +8,6 @@ padding and drop_last semantics on hand-countable sizes, without processes.
 """
 import math
 import os
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from lavis_free.common.launch import build_runner, parse_args
 from lavis_free.runners import loaders
 from lavis_free.tasks import exit_training
 
+from helpers import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = REPO / "projects" / "free" / "shapes_caption.yaml"
 WORLD = 2
@@ -30,10 +31,6 @@ WORLD = 2
 TRAIN_ROWS, BATCH = 80, 20
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _trainable(model):
@@ -49,6 +46,7 @@ def _train_worker(rank: int, port: int, data_dir: str, out_dir: str) -> None:
         "model.exits.layout=free", f"datasets.shapes_caption.build_info.storage={data_dir}",
         f"run.output_dir={out_dir}/output", "run.max_epoch=1", f"run.batch_size_train={BATCH}",
         "run.warmup_steps=0", "run.valid_splits=[]", "run.test_splits=[]", "run.log_freq=100",
+        "run.dist_timeout_min=2",  # a rank that dies fails the other within minutes, not after 30
     ]))
     host = runner.unwrap_dist_model(runner.model)  # wrapping in DDP broadcasts rank 0's weights
     before = _trainable(host)
@@ -75,7 +73,7 @@ def _train_worker(rank: int, port: int, data_dir: str, out_dir: str) -> None:
 def gloo_epoch(shapes_data_dir, tmp_path_factory):
     """Per rank: the split's rows, the rows trained on in one epoch, trainable weights before and after."""
     out = tmp_path_factory.mktemp("gloo_shards")
-    mp.start_processes(_train_worker, args=(_free_port(), shapes_data_dir, str(out)), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_train_worker, args=(free_port(), shapes_data_dir, str(out)), nprocs=WORLD, start_method="fork")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -1,7 +1,6 @@
 """Exit figures of the free_* tasks: the tally's formulas, the evaluator, the task hooks, and
 summing over 2 gloo processes."""
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ from omegaconf import OmegaConf
 from lavis.common.registry import registry
 from lavis_free.models.early_exit_model import EarlyExitMixin
 from lavis_free.tasks.exit_eval import FULL_DEPTH_THRESHOLD, ExitEvaluator, ExitTally
+
+from helpers import free_port
 
 # Two samples on a 12-layer LM, head_cost 0.5: tokens ran 12, 3, 6 and 12, 9 layers.
 STATS = {
@@ -131,10 +132,6 @@ def test_tasks_report_exit_figures_from_evaluation():
         registry.get_task_class("free_captioning").setup_task(_task_cfg(compare_full_depth="yes"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _reduce_worker(rank: int, port: int, out_dir: str) -> None:
@@ -151,7 +148,7 @@ def _reduce_worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_figures_are_summed_over_two_gloo_processes(tmp_path):
     # fork: the workers inherit the imported modules instead of importing LAVIS again
-    mp.start_processes(_reduce_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_reduce_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     summaries = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert summaries[0] == summaries[1]
     assert summaries[0]["num_tokens"] == 5 and summaries[0]["tokens_per_s"] == pytest.approx(5 / 4.0)

@@ -5,7 +5,6 @@ tests (resume, 2 processes) go through train.py on the shared generated shapes d
 """
 import copy
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,8 @@ from lavis_free.tasks.exit_training import (
     generator_step,
     train_step,
 )
+
+from helpers import free_port
 
 EXIT_LAYERS = [2, 5, 8]
 RUN = {"init_lr": 1e-3, "min_lr": 0.0, "weight_decay": 0.0, "lr_sched": "linear_warmup_cosine_lr"}
@@ -301,7 +302,7 @@ def test_resume_restores_both_optimizers_and_continues(shapes_data_dir, tmp_path
 
 def test_two_gloo_processes_train_exits(shapes_data_dir, tmp_path):
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
         str(REPO / "train.py"), "--cfg-path", str(PROJECT), "--job-id", "ddp",
         "--options", *train_options(shapes_data_dir),
     ]
@@ -315,7 +316,3 @@ def test_two_gloo_processes_train_exits(shapes_data_dir, tmp_path):
     assert set(checkpoint["optimizers"]) == {GENERATOR, DISCRIMINATOR}
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -11,16 +11,11 @@ from torch import nn
 
 import lavis_free.tasks.exit_training as exit_training
 from lavis_free.exits.feature_cache import FeatureCache, FeatureCacheError, sample_keys
-from lavis_free.models.blip2_opt_free import Blip2OPTFree
 from lavis_free.tasks.captioning import FreeCaptionTask
 from lavis_free.tasks.exit_training import PROMPT_KEY, ExitTrainer, ExitTrainingSettings, PseudoLabels, _by_group, unwrap
 from lavis_free.tasks.vqa import FreeVQATask
 
-
-def tiny(**overrides):
-    cfg = OmegaConf.merge(OmegaConf.load(Blip2OPTFree.default_config_path("tiny")).model, overrides)
-    torch.manual_seed(0)
-    return Blip2OPTFree.from_config(cfg)
+from helpers import tiny_model
 
 
 @pytest.mark.parametrize("run_cfg", [None, {}, OmegaConf.create({"seed": 1})])
@@ -47,7 +42,7 @@ def test_a_task_trains_a_model_without_exits_with_lavis_loop_and_its_arguments(m
     """Stage 1 through a free task: LAVIS's train_epoch, given every argument unchanged."""
     seen = {}
     monkeypatch.setattr(BaseTask, "train_epoch", lambda self, **kwargs: seen.update(kwargs) or {"loss": "0"})
-    model = tiny()
+    model = tiny_model()
     task = FreeCaptionTask(num_beams=1, max_len=5, min_len=1, evaluate=False)
     arguments = dict(epoch=3, model=model, data_loader="loader", optimizer="opt", lr_scheduler="sched",
                      scaler="scaler", cuda_enabled=True, log_freq=7, accum_grad_iters=2)
@@ -101,14 +96,16 @@ def test_the_feature_cache_is_keyed_by_what_shapes_the_lm_input(tmp_path, settin
     root = tmp_path / "new" / "parents" / "cache"
     settings = ExitTrainingSettings(feature_cache=str(root))
     exits = {"exits": {"layers": [2, 5]}}
-    ExitTrainer(settings).feature_cache(tiny(**{setting: first}, **exits))
-    ExitTrainer(settings).feature_cache(tiny(**{setting: first}, **exits))  # same settings: reused
+    filled = ExitTrainer(settings).feature_cache(tiny_model(**{setting: first}, **exits))
+    manifest = sorted(root.iterdir())
+    reused = ExitTrainer(settings).feature_cache(tiny_model(**{setting: first}, **exits))  # same settings: no error
+    assert filled.root == reused.root == root and sorted(root.iterdir()) == manifest
     with pytest.raises(FeatureCacheError, match=rf"run\.exit_feature_cache='{root}' was filled .*differs in \['{setting}'\]"):
-        ExitTrainer(settings).feature_cache(tiny(**{setting: second}, **exits))
+        ExitTrainer(settings).feature_cache(tiny_model(**{setting: second}, **exits))
 
 
 def test_a_single_sample_batch_round_trips_through_the_feature_cache(tmp_path):
-    host = tiny(exits={"layers": [2, 5]})
+    host = tiny_model(exits={"layers": [2, 5]})
     samples = {"image": torch.randn(1, 3, 64, 64), "text_input": ["a red circle"]}
     fresh = host.exit_backbone_outputs(samples)
     cache = FeatureCache(str(tmp_path / "cache"), "float16", {"backbone": "x"})
@@ -129,7 +126,7 @@ def test_the_exit_loop_gets_the_runner_arguments(monkeypatch):
     seen = {}
     monkeypatch.setattr(ExitTrainer, "train_epoch", lambda self, *args, **kwargs: seen.update(args=args, **kwargs) or {})
     task = FreeCaptionTask(num_beams=1, max_len=5, min_len=1, evaluate=False)
-    model = tiny(exits={"layers": [2, 5]})
+    model = tiny_model(exits={"layers": [2, 5]})
     task.train_epoch(epoch=2, model=model, data_loader="loader", optimizer="opt", lr_scheduler="sched",
                      scaler="scaler", cuda_enabled=True, log_freq=9, accum_grad_iters=1)
     assert seen["args"] == (2, model, "loader", "opt", "sched")

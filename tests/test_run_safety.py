@@ -4,7 +4,6 @@ import datetime
 import json
 import os
 import runpy
-import socket
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ from lavis_free.common import paths
 from lavis_free.common.dist import barrier, init_distributed_mode, on_main_process
 from lavis_free.common.launch import build_runner, parse_args
 from lavis_free.runners.loaders import check_train_split
+
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = REPO / "projects" / "free" / "shapes_caption.yaml"
@@ -132,10 +133,6 @@ def test_bad_dist_timeout_is_a_config_error(value):
         init_distributed_mode(OmegaConf.create({"device": "cpu", "dist_timeout_min": value}))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _hang_worker(rank: int, port: int, out_dir: str) -> None:
@@ -162,7 +159,7 @@ def test_a_hung_gloo_rank_is_named_after_the_timeout(tmp_path):
     (tmp_path / "taken").mkdir()
     started = time.monotonic()
     # fork: the workers inherit the imported modules instead of importing LAVIS again
-    mp.start_processes(_hang_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_hang_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     assert time.monotonic() - started < 60
     for rank in (0, 1):
         assert (tmp_path / f"claim{rank}.txt").read_text().startswith("FileExistsError: --job-id 'taken'")

@@ -26,6 +26,8 @@ from lavis_free.models.early_exit_model import ExitCheckpointError
 from lavis_free.models import tiny
 from lavis_free.models.export import export_weights
 
+from helpers import tiny_model
+
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = REPO / "projects" / "free" / "shapes_caption.yaml"
 BACKBONE = REPO / "lavis_free" / "models" / "assets" / "shapes_tiny" / "blip2_opt_free_shapes_tiny.pth"
@@ -112,12 +114,6 @@ def test_shard_members_other_than_image_and_json_are_never_decoded(tmp_path, mar
 
 
 # ---- checkpoint routes ---------------------------------------------------------------------------
-
-def tiny_model(**model):
-    cfg = OmegaConf.merge(OmegaConf.load(Blip2OPTFree.default_config_path("tiny")).model, model)
-    torch.manual_seed(0)
-    return Blip2OPTFree.from_config(cfg)
-
 
 EXITS = {"exits": {"layers": [2, 5, 8]}}
 MODEL_ROUTES = {
