@@ -68,14 +68,17 @@ def test_gradients_and_logs_are_averaged_over_the_processes(monkeypatch):
     monkeypatch.setattr(exit_training, "get_world_size", lambda: 2)
     monkeypatch.setattr(exit_training, "collective_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(exit_training.dist, "all_reduce", lambda tensor: tensor.mul_(4))
-    params = [nn.Parameter(torch.zeros(2, 3)), nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(2, dtype=torch.float64))]
+    params = [nn.Parameter(torch.zeros(2, 3)), nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(2, dtype=torch.float64)),
+              nn.Parameter(torch.zeros(3))]
     params[0].grad = torch.arange(6.0).view(2, 3)
     params[2].grad = torch.tensor([1.0, -2.0], dtype=torch.float64)  # params[1] got no gradient
+    params[3].grad = torch.tensor([7.0, 8.0, 9.0])  # third of its dtype: its slice starts at 6 + 4
     logs = exit_training._average_across_processes(params, {"loss_a": 1.5, "loss_b": -0.25})
     assert logs == {"loss_a": 3.0, "loss_b": -0.5}
     torch.testing.assert_close(params[0].grad, 2 * torch.arange(6.0).view(2, 3))
     torch.testing.assert_close(params[1].grad, torch.zeros(4))
     torch.testing.assert_close(params[2].grad, torch.tensor([2.0, -4.0], dtype=torch.float64))
+    torch.testing.assert_close(params[3].grad, torch.tensor([14.0, 16.0, 18.0]))
 
 
 def test_unwrap_returns_the_module_inside_ddp(tmp_path):
@@ -113,6 +116,17 @@ def test_a_single_sample_batch_round_trips_through_the_feature_cache(tmp_path):
     loaded = cache.load(sample_keys(samples), torch.device("cpu"), torch.float32)
     assert loaded.final_features.dtype == torch.float32 and loaded.final_features.shape == fresh.final_features.shape
     torch.testing.assert_close(loaded.final_features, fresh.final_features, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_cache_entries_are_stored_in_the_cache_dtype(tmp_path, dtype):
+    """`exit_feature_cache_dtype: float16` halves the disk: the files hold float16 features."""
+    host = tiny_model(exits={"layers": [2, 5]})
+    samples = {"image": torch.randn(2, 3, 64, 64), "text_input": ["a red circle", "two squares"]}
+    FeatureCache(str(tmp_path / "cache"), dtype, {"backbone": "x"}).store(sample_keys(samples), host.exit_backbone_outputs(samples))
+    entries = sorted((tmp_path / "cache").glob("*/*.pt"))
+    assert len(entries) == 2
+    assert {torch.load(e, weights_only=True)["features"].dtype for e in entries} == {getattr(torch, dtype)}
 
 
 def test_exit_training_text_uses_the_task_prompt():

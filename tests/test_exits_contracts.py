@@ -9,6 +9,7 @@ from transformers import OPTConfig, OPTForCausalLM
 from lavis_free.exits.adapters import adapter_for
 from lavis_free.exits.attention import decode_mask
 from lavis_free.exits.config import ExitConfig, ExitConfigError
+from lavis_free.exits.confidence import get_confidence
 from lavis_free.exits.discriminator import FeatureClassifier
 from lavis_free.exits.engine import DecodeOptions, EarlyExitDecoder
 from lavis_free.exits.early_exits import EarlyExits
@@ -53,6 +54,14 @@ def test_exit_config_errors_name_the_key_the_value_and_what_is_allowed(cfg, mess
 def test_the_smallest_valid_settings_are_accepted():
     cfg = ExitConfig.from_dict({"layers": [0, 4], "disc_hidden": 1, "loss": {"disc_steps": 1, "adv_weight": 0}}, LAYERS)
     assert (cfg.layers, cfg.disc_hidden, cfg.loss.disc_steps) == ((0, 4), 1, 1)
+
+
+def test_decode_option_errors_name_the_option_and_what_is_allowed():
+    with pytest.raises(ExitConfigError) as err:
+        get_confidence("vibes")
+    assert str(err.value) == "confidence='vibes' is invalid: allowed values are max_prob, margin, entropy"
+    with pytest.raises(ValueError, match=r"^max_new_tokens=0 is invalid: expected >= 1$"):
+        DecodeOptions(max_new_tokens=0, eos_token_id=2, pad_token_id=1).validate(LAYERS)
 
 
 def test_decode_mask_needs_key_validity_for_several_queries():
