@@ -136,6 +136,17 @@ def barrier() -> None:
         ) from err
 
 
+def shutdown_distributed() -> None:
+    """Wait for every rank, then destroy the process group (nothing in a single process).
+
+    Why: a rank that reaches the end first and exits with the group alive can abort in gloo's
+    threads ("terminate called without an active exception", exit code -6) while rank 0 is still
+    merging and scoring results, which fails the whole torch.distributed.run job."""
+    if is_dist_avail_and_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def on_main_process(func: Callable[[], T]) -> T:
     """``func()`` run on rank 0 only, its result given to every rank.
 
