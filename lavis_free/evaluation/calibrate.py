@@ -28,6 +28,7 @@ from lavis_free.evaluation.plots import plot_exit_histograms
 from lavis_free.evaluation.runs import (
     Project,
     add_project_arguments,
+    check_scored_split,
     default_metric,
     project_from_args,
     run_setting,
@@ -80,7 +81,7 @@ def run_calibration(project: Project, calib_split: str, test_split: str, toleran
         "oracle": None,
     }
     notify = on_update or (lambda _: None)
-    scored_loader(project, calib_split, max_samples, dataset, "--calib-split")  # both splits checked before any decoding
+    check_scored_split(project, calib_split, "--calib-split")  # both splits checked before any decoding
     loader = scored_loader(project, test_split, max_samples, dataset, "--test-split")
 
     def swept(table: Dict[str, Any]) -> None:

@@ -117,13 +117,18 @@ def default_metric(task: Any) -> str:
     return "CIDEr" if isinstance(task, FreeCaptionTask) else "accuracy"
 
 
-def scored_loader(project: Project, split: str, max_samples: Optional[int] = None, dataset: Optional[str] = None,
-                  flag: str = "--split") -> DataLoader:
-    """`split_loader` for a split whose decodes will be scored: refuses, before anything is
-    decoded, a split without ground truth (e.g. train) rather than after decoding it."""
+def check_scored_split(project: Project, split: str, flag: str = "--split") -> None:
+    """Refuses, before anything is decoded, a split without ground truth (e.g. train) rather
+    than after decoding it; `flag` is the command-line option that named it."""
     gt_files = getattr(project.task, "gt_files", {})
     if split not in gt_files:
         raise ValueError(f"{flag} {split}: no ground truth known for this split (splits with one: {sorted(gt_files)})")
+
+
+def scored_loader(project: Project, split: str, max_samples: Optional[int] = None, dataset: Optional[str] = None,
+                  flag: str = "--split") -> DataLoader:
+    """`split_loader` for a split whose decodes will be scored (see `check_scored_split`)."""
+    check_scored_split(project, split, flag)
     return split_loader(project, split, max_samples, dataset)
 
 
