@@ -4,7 +4,7 @@ Rows (same weights, same images, greedy decoding, timed in one process after a w
   lavis_as_shipped  LAVIS 1.0.2 `Blip2OPT.generate(num_beams=1)` with its own OPT class, which
                     under transformers 4.26 drops the KV cache (every step re-runs the prefix)
   lavis             the same LAVIS code path with the cache working (our CachedOPTForCausalLM)
-  engine_full       our engine with exits disabled (exit_threshold=2.0)
+  engine_full       our engine with exits off (early_exit=False)
   engine_<policy>   our engine at the threshold, each KV policy
 Targets (issue 4): engine_<policy> >= 2x faster than `lavis` at batch 1 with <= 1% relative
 CIDEr drop; engine_full within 5% of `lavis`.
@@ -35,6 +35,7 @@ from lavis.models.blip2_models.blip2_opt import Blip2OPT
 from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
 
 from lavis_free.tasks.caption_metrics import caption_metrics
+from lavis_free.hosts import exits_of
 
 
 @contextlib.contextmanager
@@ -136,7 +137,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     model, vis, _ = load_model_and_preprocess("blip2_opt_free", args.model_type, is_eval=True, device=device)
-    threshold = args.threshold if args.threshold is not None else model.exit_config.inference.exit_threshold
+    threshold = args.threshold if args.threshold is not None else exits_of(model).config.inference.exit_threshold
     rows = load_split(args.data, args.split, args.num_samples)
     images = [vis["eval"](Image.open(args.data / r["image"]).convert("RGB")) for r in rows]
     gt_path = args.data / "annotations" / f"caption_{args.split}_gt.json"
@@ -152,7 +153,7 @@ def main() -> None:
     configs: Dict[str, Callable] = {
         "lavis_as_shipped": lavis_as_shipped,
         "lavis": lavis_generate,
-        "engine_full": lambda image: model.generate({"image": image}, exit_threshold=2.0, **greedy),
+        "engine_full": lambda image: model.generate({"image": image}, early_exit=False, **greedy),
     }
     for policy in args.policies:
         configs[f"engine_{policy}"] = lambda image, p=policy: model.generate(

@@ -27,6 +27,8 @@ from lavis_free.exits.adapters import adapter_for
 from lavis_free.exits.config import ExitConfig
 from lavis_free.exits.early_exits import EarlyExits
 from lavis_free.exits.engine import DecodeOptions, DecodeResult, EarlyExitDecoder
+from lavis_free.exits.lm_batch import LMBatch
+from lavis_free.exits.options import ExitOptions
 
 DIMS = {
     "opt-125m": dict(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12),
@@ -113,16 +115,17 @@ def main() -> None:
 
         def timed(decoder: EarlyExitDecoder, opts: DecodeOptions):
             """(generate seconds, its own prefill's seconds, the result)."""
-            prefill_s, _ = median_time(lambda: decoder.prefill(prefix, mask, opts.max_new_tokens, opts.exits_enabled))
-            seconds, result = median_time(lambda: decoder.generate(prefix, mask, opts))
+            lm_batch = LMBatch(prefix, mask)
+            prefill_s, _ = median_time(lambda: decoder.prefill(lm_batch, opts.max_new_tokens, opts.exits.enabled))
+            seconds, result = median_time(lambda: decoder.generate(lm_batch, opts))
             return seconds, prefill_s, result
 
         base = dict(max_new_tokens=args.new_tokens, eos_token_id=-1, pad_token_id=1)
-        full_s, full_prefill_s, _ = timed(EarlyExitDecoder(adapter, exits), DecodeOptions(**base, exit_threshold=2.0))
+        full_s, full_prefill_s, _ = timed(EarlyExitDecoder(adapter, exits), DecodeOptions(**base))
         for policy in args.policies:
             seconds, prefill_s, result = timed(
                 ReplayedExits(adapter, exits, schedule),
-                DecodeOptions(**base, exit_threshold=0.0, kv_policy=policy),
+                DecodeOptions(**base, exits=ExitOptions(exit_threshold=0.0, kv_policy=policy)),
             )
             ideal = layer_speedup(result)
             measured = (full_s - full_prefill_s) / (seconds - prefill_s)

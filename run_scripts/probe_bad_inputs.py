@@ -286,23 +286,22 @@ def calibrate_main(argv: List[str]) -> Any:
 
 @contextlib.contextmanager
 def count_decodes() -> Iterator[List[int]]:
-    """Counts decoding calls of blip2_opt_free, to tell "refused up front" from "did the work,
-    then failed to write it" (data lost)."""
-    from lavis.common.registry import registry
+    """Counts decoding calls through attached exits, to tell "refused up front" from "did the
+    work, then failed to write it" (data lost)."""
+    from lavis_free.hosts import AttachedExits as cls
 
-    cls = registry.get_model_class("blip2_opt_free")
-    original = cls.generate_from_prompts
+    original = cls.generate_texts
     calls = [0]
 
     def counted(self, *args, **kwargs):
         calls[0] += 1
         return original(self, *args, **kwargs)
 
-    cls.generate_from_prompts = counted
+    cls.generate_texts = counted
     try:
         yield calls
     finally:
-        cls.generate_from_prompts = original
+        cls.generate_texts = original
 
 
 def lost_unless_refused(run: Callable[[], Any]) -> Optional[Outcome]:

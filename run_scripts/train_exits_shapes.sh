@@ -4,7 +4,7 @@
 #   1. generate the shapes data (seed 0) into $DATA (default data/shapes) unless it is there;
 #   2. train.py with projects/free/shapes_caption.yaml once per layout: free, no_adversarial,
 #      vanilla (each from the exits' `init`, not from the shipped exits);
-#   3. export OUT_DIR/exits_<layout>.pth with model.inference_checkpoint() (exits + their layout and backbone fingerprint);
+#   3. export OUT_DIR/exits_<layout>.pth with exits_of(model).inference_checkpoint() (exits + their layout and backbone fingerprint);
 #   4. python -m lavis_free.reports.exit_quality on the val split -> $REPORT
 #      (default output/shapes_exits/report_<time>).
 #
@@ -79,12 +79,13 @@ import torch
 import lavis_free  # noqa: F401
 from lavis.common.registry import registry
 from lavis_free.common.config import FreeConfig
+from lavis_free.hosts import exits_of
 
 cfg_path, layout, checkpoint, out = sys.argv[1:]
 config = FreeConfig(SimpleNamespace(cfg_path=cfg_path, options=[f"model.exits.layout={layout}", "model.exits_checkpoint="]))
 model = registry.get_model_class(config.model_cfg.arch).from_config(config.model_cfg)
 model.load_checkpoint(checkpoint, origin="runner checkpoint of exit training")
-torch.save(model.inference_checkpoint(), out)
+torch.save(exits_of(model).inference_checkpoint(), out)
 EOF
 done
 

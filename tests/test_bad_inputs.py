@@ -14,6 +14,7 @@ from PIL import ImageFile
 
 from lavis_free.datasets.map_datasets import ImageFileError
 from lavis_free.datasets.shapes import generate_dataset
+from lavis_free.hosts.inputs import check_images
 
 from helpers import tiny_model
 
@@ -65,7 +66,7 @@ def test_default_exits_with_beams_warn_once_and_report_full_depth(images):
         warnings.simplefilter("error")
         model.generate({"image": images}, max_length=4)  # once per model
         fresh = exit_model()
-        fresh.generate({"image": images}, max_length=4, exit_threshold=2.0)  # exits off: nothing dropped
+        fresh.generate({"image": images}, max_length=4, early_exit=False)  # exits off: nothing dropped
         fresh.generate({"image": images}, max_length=4, early_exit=False)
         tiny().generate({"image": images}, max_length=4)  # a model without exits
         _, stats = fresh.generate({"image": images}, num_beams=1, max_length=4, return_exit_stats=True)
@@ -88,7 +89,7 @@ def test_predict_answers_names_unknown_keywords_with_a_close_match(model, images
     # what LAVIS's VQA tasks pass, plus generate's options
     answers = model.predict_answers(
         samples, answer_list=["red"], inference_method="generate", num_beams=1, max_len=3, min_len=1,
-        num_ans_candidates=128, prompt="Q: {} A:", repetition_penalty=1.0, exit_threshold=2.0,
+        num_ans_candidates=128, prompt="Q: {} A:", repetition_penalty=1.0, early_exit=False,
     )
     assert len(answers) == 2
 
@@ -126,9 +127,9 @@ def test_a_clip_style_encoder_is_checked_by_its_own_input_size(images):
     clip_like.visual_encoder = torch.nn.Module()
     clip_like.visual_encoder.conv1 = torch.nn.Conv2d(3, 4, kernel_size=8, stride=8)
     clip_like.visual_encoder.input_resolution = 32
-    assert clip_like.check_images(images[:, :, :32, :32]).shape == (2, 3, 32, 32)
+    assert check_images(clip_like, images[:, :, :32, :32]).shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match=rf"{IMAGE}.*\(2, 3, 64, 64\).*must be 32x32"):
-        clip_like.check_images(images)
+        check_images(clip_like, images)
 
 
 def test_training_text_is_one_string_per_image_or_one_for_all(model, images):

@@ -13,6 +13,9 @@ import torch
 from varied_lm import EOS, EXIT_LAYERS, NUM_LAYERS, PAD, PROMPTS, build_model, images, lavis_greedy, lm_inputs, teacher_forced, trim_at_eos
 
 from lavis_free.exits.engine import DecodeOptions, EarlyExitDecoder
+from lavis_free.exits.lm_batch import LMBatch
+from lavis_free.exits.options import ExitOptions
+from lavis_free.hosts import exits_of
 
 NEW = 20  # max_length
 THRESHOLD = 0.9  # max_prob; strictly inside (0, 1), sends tokens to every exit and to full depth
@@ -52,11 +55,14 @@ def decode(model, image, monkeypatch, prompts=PROMPTS, **kwargs):
     captions, the stats and the engine's DecodeResult it produced them from."""
     results = []
 
-    def early_exit_decode(*args):
-        results.append(type(model).early_exit_decode(model, *args))
+    host = exits_of(model)
+    real = type(host).decode
+
+    def decode_spy(*args):
+        results.append(real(host, *args))
         return results[-1]
 
-    monkeypatch.setattr(model, "early_exit_decode", early_exit_decode)
+    monkeypatch.setattr(host, "decode", decode_spy)
     captions, stats = model.generate(
         {"image": image, "prompt": list(prompts)}, num_beams=1, max_length=NEW, return_exit_stats=True, **kwargs
     )
@@ -67,9 +73,9 @@ def decode(model, image, monkeypatch, prompts=PROMPTS, **kwargs):
 def engine_decode(model, image, **options):
     """The engine alone on the plugin's LM inputs; returns (decoder, result, inputs)."""
     inputs_embeds, mask, ids, query_embeds = lm_inputs(model, image, PROMPTS)
-    decoder = EarlyExitDecoder(model.exit_adapter, model.early_exits)
-    opts = DecodeOptions(NEW, EOS, PAD, min_length=1, prompt_length=ids.shape[1], **options)
-    return decoder, decoder.generate(inputs_embeds, mask, opts), (mask, ids, query_embeds)
+    decoder = EarlyExitDecoder(exits_of(model).adapter, model.early_exits)
+    opts = DecodeOptions(NEW, EOS, PAD, min_length=1, exits=ExitOptions(**options))
+    return decoder, decoder.generate(LMBatch(inputs_embeds, mask, prompt_length=ids.shape[1]), opts), (mask, ids, query_embeds)
 
 
 def forced_on(model, image, tokens):
@@ -129,7 +135,7 @@ def test_exits_disagree_with_the_final_head(models, image, reference):
 def test_exits_off_equal_lavis_generate_token_for_token(model, image, reference, monkeypatch):
     """Batch 4 with 5, 4, 2 and 0 pads against LAVIS's Blip2OPT.generate run on each row alone
     (no padding in the reference); after EOS the engine writes padding."""
-    captions, stats, result = decode(model, image, monkeypatch, exit_threshold=1.5)
+    captions, stats, result = decode(model, image, monkeypatch, early_exit=False)
     tokens = result.tokens.tolist()
     for row, want in zip(tokens, reference):
         assert row[: len(want)] == want
@@ -141,7 +147,7 @@ def test_exits_off_equal_lavis_generate_token_for_token(model, image, reference,
 def test_exits_off_equal_lavis_generate_batched(model, image, monkeypatch):
     """LAVIS's own batched call (one prompt for the batch) against the plugin's on the same batch."""
     want = lavis_greedy(model, image, "a photo of", NEW)
-    _, _, result = decode(model, image, monkeypatch, prompts=["a photo of"] * BATCH, exit_threshold=1.5)
+    _, _, result = decode(model, image, monkeypatch, prompts=["a photo of"] * BATCH, early_exit=False)
     assert [trim_at_eos(row) for row in result.tokens.tolist()] == want
     assert len({tuple(row) for row in want}) >= 2
 
@@ -160,7 +166,7 @@ def test_each_token_is_the_argmax_of_the_exit_it_left_at(models, image, layout, 
     mix = exit_mix(result, tokens)
     assert all(mix[layer + 1] >= 5 for layer in EXIT_LAYERS) and mix[NUM_LAYERS] >= 5, mix  # each exit and full depth
     forced, prefix = forced_on(model, image, tokens)
-    logits_after = {layer + 1: logits for layer, logits in zip(model.exit_config.layers, forced.exit_logits)}
+    logits_after = {layer + 1: logits for layer, logits in zip(exits_of(model).config.layers, forced.exit_logits)}
     logits_after[NUM_LAYERS] = forced.final_logits
     for row, n in enumerate(lengths(tokens)):
         assert stats["exit_layers"][row] == result.layers_run[row][:n]
@@ -203,7 +209,7 @@ def test_propagate_fills_every_skipped_slot_with_its_layer_projection(model, ima
     states differ from a full-depth pass.)"""
     decoder, result, (mask, _, _) = engine_decode(model, image, exit_threshold=THRESHOLD, kv_policy="propagate")
     prefix = mask.shape[1]
-    exits = dict(enumerate(model.exit_config.layers))
+    exits = dict(enumerate(exits_of(model).config.layers))
     slot_layers = list(model.opt_model.model.decoder.layers) + [module.layer for module in model.early_exits.exits]
     slot_depth = list(range(NUM_LAYERS)) + [exits[k] + 0.5 for k in exits]  # exit k sits between layers[k] and layers[k] + 1
     cache = decoder.cache

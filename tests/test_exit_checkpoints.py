@@ -16,8 +16,9 @@ from lavis_free.datasets.shapes import generate_item
 from lavis_free.datasets.shapes_scene import render_scene
 from lavis_free.exits.feature_cache import backbone_fingerprint
 from lavis_free.models.blip2_opt_free import Blip2OPTFree
-from lavis_free.models.early_exit_model import ExitCheckpointError
+from lavis_free.hosts import ExitCheckpointError
 from lavis_free.reports.exit_quality import HEAD_ON_LAYER, layer_quality
+from lavis_free.hosts import exits_of
 
 LAYERS = [2, 5, 8]
 AGREEMENT_FLOOR = 0.85  # shipped exits: 0.91-0.94 on these 8 scenes; untrained copies: 0.62-0.84
@@ -61,7 +62,7 @@ def trained():
 @pytest.fixture(scope="module")
 def inference_file(trained, tmp_path_factory):
     path = tmp_path_factory.mktemp("exits") / "exits.pth"
-    torch.save(trained.inference_checkpoint(), path)
+    torch.save(exits_of(trained).inference_checkpoint(), path)
     return path
 
 
@@ -69,12 +70,12 @@ def inference_file(trained, tmp_path_factory):
 def legacy_file(trained, tmp_path_factory):
     """An exits file as exported before checkpoints recorded `exit_metadata()` (the shipped ones)."""
     path = tmp_path_factory.mktemp("exits") / "legacy.pth"
-    torch.save(trained.inference_state_dict(), path)
+    torch.save(exits_of(trained).inference_state_dict(), path)
     return path
 
 
 def test_inference_checkpoint_holds_exits_without_discriminators(trained):
-    checkpoint = trained.inference_checkpoint()
+    checkpoint = exits_of(trained).inference_checkpoint()
     state = checkpoint["model"]
     assert any(k.startswith("early_exits.exits.") for k in state)
     assert not any("discriminators" in k for k in state)
@@ -165,7 +166,7 @@ def test_runner_checkpoints_record_the_exits_and_refuse_another_layout(shapes_da
     saved._save_checkpoint(0)
     path = Path(saved.output_dir) / "checkpoint_0.pth"
     exits = torch.load(path, weights_only=True)["exits"]
-    assert exits == saved.unwrap_dist_model(saved.model).exit_metadata() and exits["layers"] == LAYERS
+    assert exits == exits_of(saved.model).exit_metadata() and exits["layers"] == LAYERS
 
     other = runner(shapes_data_dir, "other", "[1,4,7]")
     match = r"exits after layers \[2, 5, 8\], this model has model.exits.layers=\[1, 4, 7\]"
@@ -192,9 +193,9 @@ def shapes_tiny():
 def test_shapes_tiny_loads_the_shipped_exits_of_the_project_layout(shapes_tiny):
     cfg = OmegaConf.load(Blip2OPTFree.default_config_path("shapes_tiny")).model
     checkpoint = torch.load(PACKAGE / cfg.exits_checkpoint, weights_only=True)
-    assert checkpoint["exits"] == shapes_tiny.exit_metadata()
+    assert checkpoint["exits"] == exits_of(shapes_tiny).exit_metadata()
     shipped = checkpoint["model"]
-    assert shipped.keys() == shapes_tiny.inference_state_dict().keys()
+    assert shipped.keys() == exits_of(shapes_tiny).inference_state_dict().keys()
     state = shapes_tiny.state_dict()
     for key, value in shipped.items():
         assert torch.equal(state[key], value), key

@@ -8,6 +8,8 @@ from transformers import OPTConfig, OPTForCausalLM
 
 from lavis_free.exits.adapters import adapter_for
 from lavis_free.exits.config import ExitConfig, ExitConfigError
+from lavis_free.exits.lm_batch import LMBatch
+from lavis_free.exits.options import ExitOptions
 from lavis_free.exits.early_exits import EarlyExits
 from lavis_free.exits.engine import DecodeOptions, EarlyExitDecoder
 
@@ -51,7 +53,7 @@ def test_disabled_exits_equal_full_depth_greedy(lm, exits, batch):
     )[:, ids.shape[1]:]
     adapter = adapter_for(lm)
     result = EarlyExitDecoder(adapter, exits).generate(
-        adapter.embed_tokens(ids), mask, DecodeOptions(NEW, EOS, PAD, exit_threshold=1.5)
+        LMBatch(adapter.embed_tokens(ids), mask), DecodeOptions(NEW, EOS, PAD, exits=ExitOptions(early_exit=False))
     )
     assert torch.equal(result.tokens[:, : reference.shape[1]], reference)
     assert all(n == 6 for row in result.layers_run for n in row)
@@ -61,7 +63,7 @@ def test_min_exit_layer_and_stats(lm, exits):
     adapter = adapter_for(lm)
     ids, mask = prompts(2)
     decoder = EarlyExitDecoder(adapter, exits)
-    result = decoder.generate(adapter.embed_tokens(ids), mask, DecodeOptions(NEW, -1, PAD, exit_threshold=0.0, min_exit_layer=3))
+    result = decoder.generate(LMBatch(adapter.embed_tokens(ids), mask), DecodeOptions(NEW, -1, PAD, exits=ExitOptions(exit_threshold=0.0, min_exit_layer=3)))
     # Exit 0 sits after layer 1 (2 layers run): below min_exit_layer, so tokens leave at exit 1 (4 layers).
     assert all(row[0] == 6 and set(row[1:]) == {4} for row in result.layers_run)
     assert all(set(row[1:]) == {1} for row in result.exit_blocks_run)
@@ -72,6 +74,9 @@ def test_min_exit_layer_and_stats(lm, exits):
     "kwargs, match",
     [
         ({"exit_threshold": -0.1}, "exit_threshold"),
+        ({"exit_threshold": 1.5}, "exit_threshold"),
+        ({"early_exit": True}, "no exit_threshold"),
+        ({"early_exit": "yes", "exit_threshold": 0.5}, "early_exit"),
         ({"exit_threshold": float("nan")}, "exit_threshold"),
         ({"kv_policy": "guess"}, "kv_policy"),
         ({"confidence": "vibes"}, "confidence"),
@@ -80,7 +85,7 @@ def test_min_exit_layer_and_stats(lm, exits):
 )
 def test_bad_decode_options_are_named(lm, kwargs, match):
     with pytest.raises(ExitConfigError, match=match):
-        DecodeOptions(NEW, EOS, PAD, **kwargs).validate(6)
+        DecodeOptions(NEW, EOS, PAD, exits=ExitOptions(**kwargs)).validate(6)
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from lavis.common.registry import registry
-from lavis_free.models.early_exit_model import EarlyExitMixin
-from lavis_free.tasks.exit_eval import FULL_DEPTH_THRESHOLD, ExitEvaluator, ExitTally
+from lavis_free.hosts import AttachedExits
+from lavis_free.tasks.exit_eval import ExitEvaluator, ExitTally
 
 from helpers import free_port
 
@@ -65,16 +65,15 @@ def test_merge_adds_and_bad_stats_are_named():
         a.add_stats({**STATS, "num_layers": 24, "exit_layers": [[24, 3, 6], [24, 9]]})
 
 
-class FakeExitModel(EarlyExitMixin, torch.nn.Module):
+class FakeExitModel(AttachedExits):
     """Records generate calls; exits halve the layers run."""
 
     def __init__(self):
-        torch.nn.Module.__init__(self)
         self.calls = []
 
-    def generate(self, samples, exit_threshold=None, return_exit_stats=False, **kwargs):
-        self.calls.append(exit_threshold)
-        layers = 12 if exit_threshold is not None and exit_threshold > 1 else 6
+    def generate(self, samples, exit_threshold=None, early_exit=None, return_exit_stats=False, **kwargs):
+        self.calls.append("full" if early_exit is False else exit_threshold)
+        layers = 12 if early_exit is False else 6
         stats = {"exit_layers": [[layers] * 3 for _ in samples["image"]], "exit_blocks_run": [[0] * 3 for _ in samples["image"]],
                  "heads_run": [[1] * 3 for _ in samples["image"]], "num_layers": 12, "head_cost": 0.0}
         texts = [f"t{exit_threshold}"] * len(samples["image"])
@@ -85,7 +84,7 @@ def test_evaluator_compares_with_full_depth_in_alternating_order():
     model, evaluator = FakeExitModel(), ExitEvaluator(compare_full_depth=True)
     for _ in range(2):
         assert evaluator.decode(model.generate, {"image": [0, 1]}, exit_threshold=0.7) == ["t0.7", "t0.7"]
-    assert model.calls == [0.7, FULL_DEPTH_THRESHOLD, FULL_DEPTH_THRESHOLD, 0.7]
+    assert model.calls == [0.7, "full", "full", 0.7]
     summary = evaluator.summary()
     assert summary["num_tokens"] == 12 and summary["avg_exit_layer"] == 6 and summary["layer_speedup"] == 2
     assert evaluator.tally.full_tokens == 12 and "wallclock_speedup" in summary

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from lavis_free.models.blip2_opt_free import Blip2OPTFree
 from lavis_free.reports.exit_quality import HEAD_ON_LAYER, format_table, main, write_report
+from lavis_free.hosts import exits_of
 
 PROJECT = Path(__file__).resolve().parents[1] / "projects" / "free" / "shapes_caption.yaml"
 LAYERS = [2, 5, 8]
@@ -23,7 +24,7 @@ def checkpoints(tmp_path_factory):
                               {"exits": {"layers": LAYERS, "layout": layout}})
         torch.manual_seed(0)
         paths[layout] = str(out / f"{layout}.pth")
-        torch.save(Blip2OPTFree.from_config(cfg).inference_checkpoint(), paths[layout])
+        torch.save(exits_of(Blip2OPTFree.from_config(cfg)).inference_checkpoint(), paths[layout])
     return paths
 
 

@@ -27,6 +27,8 @@ from torch import nn
 from lavis_free.exits.adapters.base import DecoderAdapter, no_cache
 from lavis_free.exits.confidence import entropy, get_confidence, margin, max_prob
 from lavis_free.exits.engine import DecodeOptions, EarlyExitDecoder
+from lavis_free.exits.lm_batch import LMBatch
+from lavis_free.exits.options import ExitConfigError, ExitOptions
 from lavis_free.models.blip2_opt_free import Blip2OPTFree
 
 V = 8
@@ -112,7 +114,7 @@ class StubAdapter(DecoderAdapter):
     def embed(self, inputs_embeds, positions):
         return inputs_embeds
 
-    def forward_layer(self, layer, hidden, positions, attn_mask, kv_store):
+    def forward_layer(self, layer, hidden, positions, attn_mask, kv_store, encoder=None):
         layer.seen.extend(hidden[:, -1].argmax(-1).tolist())
         kv_store(hidden[:, None, :, :1], hidden[:, None, :, :1])
         return hidden
@@ -143,8 +145,8 @@ class StubExit(nn.Module):
         self.layer = RecordingLayer()
         self.table = Table(table)
 
-    def features(self, adapter, hidden, positions, attn_mask, kv_store=no_cache):
-        return adapter.final_norm(adapter.forward_layer(self.layer, hidden, positions, attn_mask, kv_store))
+    def features(self, adapter, hidden, positions, attn_mask, kv_store=no_cache, encoder=None):
+        return adapter.final_norm(adapter.forward_layer(self.layer, hidden, positions, attn_mask, kv_store, encoder))
 
     def logits(self, adapter, features):
         return self.table(features)
@@ -187,8 +189,8 @@ def decode(exit_table, **opts):
 
 def decode_with(adapter, exits, **opts):
     ids, mask = prompts()
-    options = DecodeOptions(2, opts.pop("eos_token_id", NO_EOS), PAD, **opts)
-    result = EarlyExitDecoder(adapter, exits).generate(adapter.embed_tokens(ids), mask, options)
+    options = DecodeOptions(2, opts.pop("eos_token_id", NO_EOS), PAD, min_length=opts.pop("min_length", 0), exits=ExitOptions(**opts))
+    result = EarlyExitDecoder(adapter, exits).generate(LMBatch(adapter.embed_tokens(ids), mask), options)
     assert result.tokens[:, 0].tolist() == [4, 5, 6, 7], "the stub's first tokens carry the row identity"
     assert all(row[0] == FULL for row in result.layers_run)
     return result, adapter, exits
@@ -284,7 +286,7 @@ def test_confidence_equal_to_threshold_leaves():
 
 @pytest.mark.parametrize("confidence", sorted(CASES))
 def test_threshold_one_still_exits_on_certainty(confidence):
-    """1.0 is a valid threshold (only above 1 disables exits): exactly certain rows leave."""
+    """1.0 is a valid threshold (the top of the range): exactly certain rows leave."""
     exit0 = [ONE_HOT, D_A2, two_top(0.9, 0.05), ONE_HOT]
     exit1 = [D_A2, ONE_HOT, two_top(0.99, 0.005), D_A2]
     result, adapter, exits = decode([exit0, exit1], exit_threshold=1.0, confidence=confidence)
@@ -302,10 +304,17 @@ def test_threshold_zero_every_row_leaves_at_the_first_allowed_exit(confidence, m
     assert [row[1] for row in result.layers_run] == [first_allowed] * ROWS
 
 
-@pytest.mark.parametrize("threshold", [1.0 + 1e-6, 1.5, 2.0])
-def test_threshold_above_one_disables_exits(threshold):
-    """Even certain exits (confidence exactly 1) do not fire, and no exit is computed."""
-    result, adapter, exits = decode([[ONE_HOT] * ROWS] * 2, exit_threshold=threshold)
+def test_thresholds_above_one_are_refused_not_a_hidden_off_switch():
+    for threshold in (1.0 + 1e-6, 1.5, 2.0):
+        with pytest.raises(ExitConfigError, match=r"exit_threshold=.* expected a confidence in \[0, 1\] \(early_exit=False for full depth\)"):
+            decode([[ONE_HOT] * ROWS] * 2, exit_threshold=threshold)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+def test_early_exit_false_disables_exits(threshold):
+    """The one switch: even certain exits (confidence exactly 1) do not fire at any threshold,
+    and no exit is computed."""
+    result, adapter, exits = decode([[ONE_HOT] * ROWS] * 2, exit_threshold=threshold, early_exit=False)
     assert_left_at(result, adapter, [FULL] * ROWS)
     assert all(n == 0 for row in result.exit_blocks_run for n in row)
     assert rows_run(exits.exits[0].layer) == rows_run(exits.exits[1].layer) == []
@@ -387,7 +396,7 @@ def test_model_generate_gives_the_rule_its_keywords_and_config_defaults(monkeypa
     rule = EarlyExitDecoder._decide_exits
 
     def spy(self, logits, opts, exit_index, rows, step):
-        calls.append((opts.exit_threshold, opts.confidence, opts.min_exit_layer, exit_index))
+        calls.append((opts.exits.exit_threshold, opts.exits.confidence, opts.exits.min_exit_layer, exit_index))
         return rule(self, logits, opts, exit_index, rows, step)
 
     monkeypatch.setattr(EarlyExitDecoder, "_decide_exits", spy)

@@ -18,6 +18,7 @@ from lavis_free.exits import losses
 from lavis_free.exits.feature_cache import FeatureCache, FeatureCacheError, sample_keys
 from lavis_free.models.blip2_opt_free import Blip2OPTFree
 from lavis_free.runners import optim
+from lavis_free.hosts import exits_of
 from lavis_free.tasks.exit_training import (
     DISCRIMINATOR,
     GENERATOR,
@@ -66,7 +67,7 @@ def free_model():
 
 @pytest.fixture(scope="module")
 def backbone(free_model):
-    return free_model.exit_backbone_outputs(batch())
+    return exits_of(free_model).backbone_outputs(batch())
 
 
 def snapshot(model):
@@ -95,11 +96,11 @@ def test_backbone_is_frozen_and_outputs_need_no_autograd(free_model, backbone):
 def test_gradients_reach_only_discriminators_then_only_exits(backbone):
     model = exit_model()
     opts = optimizers_for(model)
-    outputs = model.early_exits.exit_outputs(model.exit_adapter, backbone)
-    discriminator_step(model, outputs, backbone, opts[DISCRIMINATOR], 0, 0)
+    outputs = model.early_exits.exit_outputs(exits_of(model).adapter, backbone)
+    discriminator_step(exits_of(model), outputs, backbone, opts[DISCRIMINATOR], 0, 0)
     assert grads(model) == names(model, "early_exits.discriminators.")
     model.zero_grad(set_to_none=True)
-    generator_step(model, outputs, backbone, opts[GENERATOR], 0, 0)
+    generator_step(exits_of(model), outputs, backbone, opts[GENERATOR], 0, 0)
     assert grads(model) == names(model, "early_exits.exits.")
     assert all(p.requires_grad for p in model.early_exits.discriminators.parameters())
 
@@ -107,12 +108,12 @@ def test_gradients_reach_only_discriminators_then_only_exits(backbone):
 def test_alternation_steps_only_the_group_of_each_phase(backbone):
     model = exit_model()
     opts = optimizers_for(model)
-    outputs = model.early_exits.exit_outputs(model.exit_adapter, backbone)
+    outputs = model.early_exits.exit_outputs(exits_of(model).adapter, backbone)
     before = snapshot(model)
-    discriminator_step(model, outputs, backbone, opts[DISCRIMINATOR], 0, 0)
+    discriminator_step(exits_of(model), outputs, backbone, opts[DISCRIMINATOR], 0, 0)
     assert changed(before, model) == names(model, "early_exits.discriminators.")
     before = snapshot(model)
-    logs = generator_step(model, outputs, backbone, opts[GENERATOR], 0, 0)
+    logs = generator_step(exits_of(model), outputs, backbone, opts[GENERATOR], 0, 0)
     assert changed(before, model) == names(model, "early_exits.exits.")
     assert {"loss_adv", "loss_gen", "loss_token_exit0", "loss_token_exit2"} <= set(logs)
 
@@ -123,12 +124,12 @@ def test_generator_step_plays_against_the_updated_discriminator(backbone):
     opts = optimizers_for(model)
     exits = model.early_exits
     with torch.no_grad():
-        features = exits.exit_outputs(model.exit_adapter, backbone).features
+        features = exits.exit_outputs(exits_of(model).adapter, backbone).features
     initial_discs = copy.deepcopy(exits.discriminators)
-    stats = train_step(model, backbone, opts, 0, 0)
+    stats = train_step(exits_of(model), backbone, opts, 0, 0)
     assert opts[DISCRIMINATOR].state_dict()["state"][0]["step"].item() == 2
     assert opts[GENERATOR].state_dict()["state"][0]["step"].item() == 1
-    mask = losses.next_token_mask(backbone.labels)
+    mask = losses.scored_mask(backbone.labels)
 
     def adversarial(discs):
         with torch.no_grad():
@@ -144,14 +145,14 @@ def test_baselines_have_one_group_and_train_only_their_exits(backbone, layout):
     opts = optimizers_for(model)
     assert set(opts) == {GENERATOR} and len(model.early_exits.discriminators) == 0
     before = snapshot(model)
-    stats = train_step(model, backbone, opts, 0, 0)
+    stats = train_step(exits_of(model), backbone, opts, 0, 0)
     assert changed(before, model) == names(model, "early_exits.exits.")
     assert "loss_adv" not in stats and "loss_disc" not in stats
 
 
 def test_distill_mode_trains_without_labels(backbone):
     model = exit_model(loss={"mode": "distill", "kd_temperature": 2.0})
-    stats = train_step(model, backbone, optimizers_for(model), 0, 0)
+    stats = train_step(exits_of(model), backbone, optimizers_for(model), 0, 0)
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     assert stats["loss_token_exit0"] >= 0
 
@@ -159,20 +160,21 @@ def test_distill_mode_trains_without_labels(backbone):
 def test_pseudo_labels_are_generated_once_per_image_at_full_depth(monkeypatch):
     model = exit_model(loss={"mode": "pseudo"})
     calls = []
-    real = model.generate_from_prompts
+    host = exits_of(model)
+    real = host.generate_texts
 
     def spy(image, prompts, **kwargs):
         calls.append((image.shape[0], kwargs))
         return real(image, prompts, **kwargs)
 
-    monkeypatch.setattr(model, "generate_from_prompts", spy)
+    monkeypatch.setattr(host, "generate_texts", spy)
     trainer = ExitTrainer(ExitTrainingSettings(pseudo_max_len=5))
-    first = trainer.lm_samples(model, batch(), lambda s: s)
-    again = trainer.lm_samples(model, batch(), lambda s: s)
+    first = trainer.lm_samples(host, batch(), lambda s: s)
+    again = trainer.lm_samples(host, batch(), lambda s: s)
     assert len(calls) == 1 and calls[0][0] == 4
     assert calls[0][1]["num_beams"] == 1 and calls[0][1]["early_exit"] is False
     assert first["text_input"] == again["text_input"] != batch()["text_input"]
-    trainer.lm_samples(model, batch(seed=2), lambda s: s)
+    trainer.lm_samples(exits_of(model), batch(seed=2), lambda s: s)
     assert len(calls) == 2
 
 
@@ -180,8 +182,9 @@ def test_answers_are_scored_but_their_prompts_are_not(free_model):
     samples = {**batch(2), "text_input": ["what colour is the circle?", "how many squares?"],
                "answer": ["red", "blue", "two"], "weight": torch.tensor([0.7, 0.3, 1.0]), "n_answers": torch.tensor([2, 1])}
     lm = answer_lm_samples(samples, "Question: {} Answer:")
-    assert lm["text_input"] == ["Question: what colour is the circle? Answer: red", "Question: how many squares? Answer: two"]
-    outputs = ExitTrainer(ExitTrainingSettings()).backbone_outputs(free_model, lm)
+    assert lm["text_input"] == ["Question: what colour is the circle? Answer:", "Question: how many squares? Answer:"]
+    assert lm["text_output"] == ["red", "two"]
+    outputs = ExitTrainer(ExitTrainingSettings()).backbone_outputs(exits_of(free_model), lm)
     scored = [free_model.opt_tokenizer.decode(row[row != -100]) for row in outputs.labels]
     assert [s.strip() for s in scored] == [" red\n".strip(), " two\n".strip()]
 
@@ -193,14 +196,14 @@ def test_non_finite_losses_stop_training_and_name_the_loss(backbone):
     bad.final_features = torch.full_like(backbone.final_features, float("nan"))
     before = snapshot(model)
     with pytest.raises(NonFiniteLossError, match=r"loss_disc=nan in the discriminator step at epoch 3, iteration 7"):
-        train_step(model, bad, opts, 3, 7)
+        train_step(exits_of(model), bad, opts, 3, 7)
     assert not changed(before, model)
 
     bad = copy.copy(backbone)
     bad.exit_inputs = [torch.full_like(x, float("inf")) for x in backbone.exit_inputs]
     vanilla = exit_model(layout="vanilla")
     with pytest.raises(NonFiniteLossError, match=r"loss_token_exit0=nan in the generator step at epoch 0, iteration 2"):
-        train_step(vanilla, bad, optimizers_for(vanilla), 0, 2)
+        train_step(exits_of(vanilla), bad, optimizers_for(vanilla), 0, 2)
 
 
 def _valid(outputs):
@@ -210,7 +213,7 @@ def _valid(outputs):
 
 def test_feature_cache_returns_a_fresh_computation(free_model, tmp_path):
     samples = batch(4, seed=3)
-    fresh = free_model.exit_backbone_outputs(samples)
+    fresh = exits_of(free_model).backbone_outputs(samples)
     assert not fresh.attention_mask.all(), "the batch must hold padding"
     cache = FeatureCache(str(tmp_path / "cache"), "float32", {"backbone": "x"})
     keys = sample_keys(samples)
@@ -219,12 +222,12 @@ def test_feature_cache_returns_a_fresh_computation(free_model, tmp_path):
     # a batch in another order and composition, re-padded from per-sample files
     order = [2, 0, 3]
     loaded = cache.load([keys[i] for i in order], torch.device("cpu"), torch.float32)
-    subset = free_model.exit_backbone_outputs({k: (v[order] if torch.is_tensor(v) else [v[i] for i in order]) for k, v in samples.items()})
+    subset = exits_of(free_model).backbone_outputs({k: (v[order] if torch.is_tensor(v) else [v[i] for i in order]) for k, v in samples.items()})
     for a, b in zip(_valid(loaded), _valid(subset)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     model = free_model.early_exits
-    got = model.generator_loss(free_model.exit_adapter, model.exit_outputs(free_model.exit_adapter, loaded), loaded)[1]
-    want = model.generator_loss(free_model.exit_adapter, model.exit_outputs(free_model.exit_adapter, subset), subset)[1]
+    got = model.generator_loss(exits_of(free_model).adapter, model.exit_outputs(exits_of(free_model).adapter, loaded), loaded)[1]
+    want = model.generator_loss(exits_of(free_model).adapter, model.exit_outputs(exits_of(free_model).adapter, subset), subset)[1]
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
 
@@ -237,9 +240,9 @@ def test_feature_cache_returns_a_fresh_computation(free_model, tmp_path):
 def test_trainer_fills_the_cache_once_and_reads_it_after(free_model, tmp_path):
     trainer = ExitTrainer(ExitTrainingSettings(feature_cache=str(tmp_path / "c"), feature_cache_dtype="float16"))
     samples = batch(4, seed=4)
-    first = trainer.backbone_outputs(free_model, samples)
-    second = trainer.backbone_outputs(free_model, samples)
-    cache = trainer.feature_cache(free_model)
+    first = trainer.backbone_outputs(exits_of(free_model), samples)
+    second = trainer.backbone_outputs(exits_of(free_model), samples)
+    cache = trainer.feature_cache(exits_of(free_model))
     assert (cache.misses, cache.hits) == (1, 1)
     for a, b in zip(_valid(first), _valid(second)):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
@@ -297,7 +300,7 @@ def test_resume_restores_both_optimizers_and_continues(shapes_data_dir, tmp_path
     assert continued["epoch"] == 1
     for group in (GENERATOR, DISCRIMINATOR):
         assert continued["optimizers"][group]["state"][0]["step"].item() == 2 * steps, group
-    assert resumed.task.exit_trainer.feature_cache(resumed.unwrap_dist_model(resumed.model)).hits == steps
+    assert resumed.task.exit_trainer.feature_cache(exits_of(resumed.model)).hits == steps
 
 
 def test_two_gloo_processes_train_exits(shapes_data_dir, tmp_path):

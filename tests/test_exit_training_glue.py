@@ -12,8 +12,9 @@ from torch import nn
 import lavis_free.tasks.exit_training as exit_training
 from lavis_free.exits.feature_cache import FeatureCache, FeatureCacheError, sample_keys
 from lavis_free.tasks.captioning import FreeCaptionTask
-from lavis_free.tasks.exit_training import PROMPT_KEY, ExitTrainer, ExitTrainingSettings, PseudoLabels, _by_group, unwrap
+from lavis_free.tasks.exit_training import ExitTrainer, ExitTrainingSettings, PseudoLabels, _by_group, unwrap
 from lavis_free.tasks.vqa import FreeVQATask
+from lavis_free.hosts import exits_of
 
 from helpers import tiny_model
 
@@ -99,18 +100,18 @@ def test_the_feature_cache_is_keyed_by_what_shapes_the_lm_input(tmp_path, settin
     root = tmp_path / "new" / "parents" / "cache"
     settings = ExitTrainingSettings(feature_cache=str(root))
     exits = {"exits": {"layers": [2, 5]}}
-    filled = ExitTrainer(settings).feature_cache(tiny_model(**{setting: first}, **exits))
+    filled = ExitTrainer(settings).feature_cache(exits_of(tiny_model(**{setting: first}, **exits)))
     manifest = sorted(root.iterdir())
-    reused = ExitTrainer(settings).feature_cache(tiny_model(**{setting: first}, **exits))  # same settings: no error
+    reused = ExitTrainer(settings).feature_cache(exits_of(tiny_model(**{setting: first}, **exits)))  # same settings: no error
     assert filled.root == reused.root == root and sorted(root.iterdir()) == manifest
     with pytest.raises(FeatureCacheError, match=rf"run\.exit_feature_cache='{root}' was filled .*differs in \['{setting}'\]"):
-        ExitTrainer(settings).feature_cache(tiny_model(**{setting: second}, **exits))
+        ExitTrainer(settings).feature_cache(exits_of(tiny_model(**{setting: second}, **exits)))
 
 
 def test_a_single_sample_batch_round_trips_through_the_feature_cache(tmp_path):
     host = tiny_model(exits={"layers": [2, 5]})
     samples = {"image": torch.randn(1, 3, 64, 64), "text_input": ["a red circle"]}
-    fresh = host.exit_backbone_outputs(samples)
+    fresh = exits_of(host).backbone_outputs(samples)
     cache = FeatureCache(str(tmp_path / "cache"), "float16", {"backbone": "x"})
     cache.store(sample_keys(samples), fresh)
     loaded = cache.load(sample_keys(samples), torch.device("cpu"), torch.float32)
@@ -123,7 +124,7 @@ def test_cache_entries_are_stored_in_the_cache_dtype(tmp_path, dtype):
     """`exit_feature_cache_dtype: float16` halves the disk: the files hold float16 features."""
     host = tiny_model(exits={"layers": [2, 5]})
     samples = {"image": torch.randn(2, 3, 64, 64), "text_input": ["a red circle", "two squares"]}
-    FeatureCache(str(tmp_path / "cache"), dtype, {"backbone": "x"}).store(sample_keys(samples), host.exit_backbone_outputs(samples))
+    FeatureCache(str(tmp_path / "cache"), dtype, {"backbone": "x"}).store(sample_keys(samples), exits_of(host).backbone_outputs(samples))
     entries = sorted((tmp_path / "cache").glob("*/*.pt"))
     assert len(entries) == 2
     assert {torch.load(e, weights_only=True)["features"].dtype for e in entries} == {getattr(torch, dtype)}
@@ -132,8 +133,8 @@ def test_cache_entries_are_stored_in_the_cache_dtype(tmp_path, dtype):
 def test_exit_training_text_uses_the_task_prompt():
     task = FreeVQATask(num_beams=1, max_len=5, min_len=1, evaluate=False, num_ans_candidates=1, prompt="Question: {} Answer:")
     samples = task.exit_lm_samples({"text_input": ["what colour?"], "text_output": ["red"]})
-    assert samples[PROMPT_KEY] == ["Question: what colour? Answer:"]
-    assert samples["text_input"] == ["Question: what colour? Answer: red"]
+    assert samples["text_input"] == ["Question: what colour? Answer:"]
+    assert samples["text_output"] == ["red"]
 
 
 def test_the_exit_loop_gets_the_runner_arguments(monkeypatch):
@@ -149,14 +150,13 @@ def test_the_exit_loop_gets_the_runner_arguments(monkeypatch):
 
 
 class _RecordingHost:
-    """Stands in for a host model: records what pseudo labels are generated from."""
-
-    prompt = " a photo of "
+    """Stands in for a model's attached exits: records what pseudo labels are generated from."""
 
     def __init__(self):
         self.calls = []
+        self.model = type("Model", (), {"prompt": " a photo of "})()
 
-    def generate_from_prompts(self, images, prompts, **kwargs):
+    def generate_texts(self, images, prompts, **kwargs):
         self.calls.append((len(images), list(prompts), kwargs))
         return [f"text {i}" for i in range(len(prompts))]
 
@@ -168,6 +168,7 @@ def test_pseudo_labels_continue_the_right_prompts_with_the_run_lengths():
     assert host.calls[-1] == (2, ["a photo of", "a photo of"],
                               {"num_beams": 1, "max_length": 7, "min_length": 2, "early_exit": False})
     assert captions["text_input"] == ["a photo of text 0", "a photo of text 1"]
-    questions = {"image": images + 1, "text_input": ["q1", "q2"], PROMPT_KEY: ["Q: q1 A:", "Q: q2 A:"]}
-    labels.relabel(host, questions)
+    questions = {"image": images + 1, "text_input": ["Q: q1 A:", "Q: q2 A:"], "text_output": ["a1", "a2"]}
+    answers = labels.relabel(host, questions)
     assert host.calls[-1][1] == ["Q: q1 A:", "Q: q2 A:"]
+    assert answers["text_input"] == questions["text_input"] and answers["text_output"] == ["text 0", "text 1"]

@@ -9,6 +9,7 @@ from transformers import OPTConfig, OPTForCausalLM
 from lavis_free.exits.adapters import adapter_for
 from lavis_free.exits.attention import decode_mask
 from lavis_free.exits.config import ExitConfig, ExitConfigError
+from lavis_free.exits.lm_batch import LMBatch
 from lavis_free.exits.confidence import get_confidence
 from lavis_free.exits.discriminator import FeatureClassifier
 from lavis_free.exits.engine import DecodeOptions, EarlyExitDecoder
@@ -41,7 +42,10 @@ LAYERS = 6  # exits may sit after layers 0..4 (layer 5 is the model's own output
         ({"layers": [1], "inference": {"min_exit_layer": 7}},
          "exits.inference.min_exit_layer=7 is invalid: expected an integer in [0, 6] (decoder layers run before an exit)"),
         ({"layers": [1], "inference": {"exit_threshold": -1}},
-         "exits.inference.exit_threshold=-1 is invalid: expected a number >= 0 (confidences lie in [0, 1]; above 1 disables exits)"),
+         "exits.inference.exit_threshold=-1 is invalid: expected a confidence in [0, 1] (early_exit=False for full depth)"),
+            ({"layers": [1], "inference": {"early_exit": True}},
+             "exits.inference.early_exit=True is invalid: exits are on but no exit_threshold is set: pass exit_threshold= "
+             "(a confidence in [0, 1]; python -m lavis_free.evaluation.calibrate chooses one) or early_exit=False"),
         ({"layer": [1]}, "exits.layer=[1] is invalid: unknown key; known keys are disc_hidden, inference, init, layers, layout, loss"),
     ],
 )
@@ -60,7 +64,7 @@ def test_decode_option_errors_name_the_option_and_what_is_allowed():
     with pytest.raises(ExitConfigError) as err:
         get_confidence("vibes")
     assert str(err.value) == "confidence='vibes' is invalid: allowed values are max_prob, margin, entropy"
-    with pytest.raises(ValueError, match=r"^max_new_tokens=0 is invalid: expected >= 1$"):
+    with pytest.raises(ValueError, match=r"^max_new_tokens=0 is invalid: expected an integer >= 1$"):
         DecodeOptions(max_new_tokens=0, eos_token_id=2, pad_token_id=1).validate(LAYERS)
 
 
@@ -111,8 +115,8 @@ def test_opt_variants_decode_like_hf_with_exits_off(config):
     exits = EarlyExits(adapter, ExitConfig.from_dict({"layers": [1, 3]}, LAYERS))
     prompt = torch.tensor([[2, 11, 25, 7, 30]])
     embeds = lm.get_input_embeddings()(prompt)
-    options = DecodeOptions(max_new_tokens=6, eos_token_id=2, pad_token_id=1, exit_threshold=2.0).validate(LAYERS)
-    result = EarlyExitDecoder(adapter, exits).generate(embeds, torch.ones_like(prompt), options)
+    options = DecodeOptions(max_new_tokens=6, eos_token_id=2, pad_token_id=1).validate(LAYERS)
+    result = EarlyExitDecoder(adapter, exits).generate(LMBatch(embeds, torch.ones_like(prompt)), options)
     expected = lm.generate(prompt, max_new_tokens=6, do_sample=False, num_beams=1, min_length=0,
                            eos_token_id=2, pad_token_id=1)[:, prompt.shape[1]:]
     assert len(set(expected[0].tolist())) >= 3, "the reference must not repeat one token"

@@ -26,6 +26,8 @@ from lavis_free.exits.early_exits import EarlyExits, ExitOutputs
 from lavis_free.models.blip2_opt_free import Blip2OPTFree
 from lavis_free.runners import optim
 from lavis_free.tasks.exit_training import DISCRIMINATOR, GENERATOR, discriminator_step, generator_step
+from lavis_free.exits.lm_batch import LMBatch, shift_to_aligned
+from lavis_free.hosts import exits_of
 
 VOCAB, HIDDEN, LAYERS, PAD = 32, 32, 4, 1
 EXIT_LAYERS = [0, 2]
@@ -70,11 +72,11 @@ def sequences():
 
 
 def own_mask(labels):
-    """Position t is trained when its next token labels[t + 1] is scored (written out here)."""
+    """Position t is trained when its aligned target labels[t] is scored (written out here)."""
     mask = torch.zeros(labels.shape, dtype=torch.bool)
     for b in range(labels.shape[0]):
-        for t in range(labels.shape[1] - 1):
-            mask[b, t] = bool(labels[b, t + 1] != -100)
+        for t in range(labels.shape[1]):
+            mask[b, t] = bool(labels[b, t] != -100)
     return mask
 
 
@@ -85,9 +87,12 @@ def make_exits(lm, **cfg):
 
 
 def backbone_of(exits, lm, sequences, labels=None):
-    ids, mask, default_labels = sequences
+    """Backbone outputs of the sequences; `labels` (aligned) default to the sequences' causal
+    labels shifted, as a decoder-only host binding does."""
+    ids, mask, causal = sequences
     adapter = adapter_for(lm)
-    return exits.backbone_outputs(adapter, adapter.embed_tokens(ids), mask, default_labels if labels is None else labels)
+    aligned = shift_to_aligned(causal) if labels is None else labels
+    return exits.backbone_outputs(adapter, LMBatch(adapter.embed_tokens(ids), mask, labels=aligned))
 
 
 class ConstantDiscriminator(nn.Module):
@@ -114,10 +119,10 @@ class LinearProbe(nn.Module):
 
 
 def own_token_ce(logits, labels):
-    """Mean over trained positions of -log p(labels[t + 1] | position t)."""
+    """Mean over trained positions of -log p(labels[t] | position t) (aligned labels)."""
     mask = own_mask(labels)
     logp = torch.log_softmax(logits.double(), dim=-1)
-    values = [-logp[b, t, labels[b, t + 1]] for b, t in mask.nonzero().tolist()]
+    values = [-logp[b, t, labels[b, t]] for b, t in mask.nonzero().tolist()]
     return torch.stack(values).mean().item()
 
 
@@ -167,16 +172,21 @@ def test_distill_loss_is_kl_to_the_teacher_at_the_temperature_times_t_squared():
     assert losses.distill_loss(teacher, teacher, mask, temperature=2.0).item() == pytest.approx(0.0, abs=1e-7)
 
 
-def test_cross_entropy_scores_position_t_against_the_next_label():
-    labels = torch.tensor([[-100, 4, 2, -100]])
-    mask = losses.next_token_mask(labels)
+def test_cross_entropy_scores_position_t_against_its_aligned_label():
+    labels = torch.tensor([[4, 2, -100, -100]])
+    mask = losses.scored_mask(labels)
     assert mask.tolist() == [[True, True, False, False]]
     logits = torch.zeros(1, 4, 6)
-    logits[0, 0, 4] = logits[0, 1, 2] = 30.0  # peaks on the next labels
+    logits[0, 0, 4] = logits[0, 1, 2] = 30.0  # peaks on each position's own label
     assert losses.cross_entropy_loss(logits, labels, mask).item() < 1e-6
     shifted = torch.zeros(1, 4, 6)
-    shifted[0, 1, 4] = shifted[0, 2, 2] = 30.0  # peaks on the current labels
+    shifted[0, 1, 4] = shifted[0, 2, 2] = 30.0  # peaks one position late (a causal shift applied twice)
     assert losses.cross_entropy_loss(shifted, labels, mask).item() > 10
+
+
+def test_decoder_only_labels_are_shifted_once_to_aligned():
+    causal = torch.tensor([[-100, 4, 2, -100], [-100, -100, 7, 1]])
+    assert shift_to_aligned(causal).tolist() == [[4, 2, -100, -100], [-100, 7, 1, -100]]
 
 
 # ---- the generator loss: each term, its weight and its sign, per exit --------------------------
@@ -262,12 +272,12 @@ def disagreeing(lm, sequences):
     ids, mask, labels = sequences
     with torch.no_grad():
         final = lm(input_ids=ids, attention_mask=mask).logits
-    wrong = labels.clone()
-    scored = labels[:, 1:] != -100
-    wrong[:, 1:][scored] = ((final[:, :-1].argmax(-1) + 1) % VOCAB)[scored]
+    wrong = shift_to_aligned(labels)
+    scored = wrong != -100
+    wrong[scored] = ((final.argmax(-1) + 1) % VOCAB)[scored]
     copy_labels = torch.zeros_like(final)
     for b, t in own_mask(wrong).nonzero().tolist():
-        copy_labels[b, t, wrong[b, t + 1]] = 25.0
+        copy_labels[b, t, wrong[b, t]] = 25.0
     # the final logits at trained positions only: elsewhere they are garbage, which must not count
     garbage = torch.randn(final.shape, generator=torch.Generator().manual_seed(4)) * 5
     final_where_trained = torch.where(own_mask(wrong)[..., None], final, garbage)
@@ -304,17 +314,16 @@ def test_supervised_matches_the_labels_not_the_final_layer(lm, sequences, disagr
 
 # ---- the two steps: what each lowers ---------------------------------------------------------------
 
-class Host(nn.Module):
-    """The least a model needs for the step functions: exits on a frozen LM."""
+class Host:
+    """The least the step functions need (what `AttachedExits` gives them): exits on a frozen LM."""
 
     def __init__(self, lm, **cfg):
-        super().__init__()
         self.lm = lm
         self.early_exits = make_exits(lm, **cfg)
-        self.exit_config = self.early_exits.config
+        self.config = self.early_exits.config
 
     @property
-    def exit_adapter(self):
+    def adapter(self):
         return adapter_for(self.lm)
 
 
@@ -344,7 +353,7 @@ def test_discriminator_step_lowers_its_loss_on_the_same_batch(lm, sequences):
     host = Host(lm, loss={"adv_weight": 1.0})
     exits = host.early_exits
     backbone = backbone_of(exits, lm, sequences)
-    outputs = exits.exit_outputs(host.exit_adapter, backbone)
+    outputs = exits.exit_outputs(host.adapter, backbone)
     before = exits.discriminator_loss(outputs, backbone)[0].item()
     opt = torch.optim.SGD(exits.discriminators.parameters(), lr=0.05)
     logs = discriminator_step(host, outputs, backbone, opt, 0, 0)
@@ -356,7 +365,7 @@ def test_trained_discriminator_calls_final_features_real_and_exit_features_fake(
     host = Host(lm, loss={"adv_weight": 1.0})
     exits = host.early_exits
     backbone = backbone_of(exits, lm, sequences)
-    outputs = exits.exit_outputs(host.exit_adapter, backbone)
+    outputs = exits.exit_outputs(host.adapter, backbone)
     opt = torch.optim.Adam(exits.discriminators.parameters(), lr=1e-2)
     for i in range(30):
         discriminator_step(host, outputs, backbone, opt, 0, i)
@@ -368,7 +377,7 @@ def test_generator_step_lowers_the_adversarial_loss_it_faces(lm, sequences):
     """Discriminator fixed, token term off: the exit features move towards 'final' (logits up)."""
     host = Host(lm, loss={"adv_weight": 1.0, "token_weight": 0.0})
     exits = host.early_exits
-    adapter = host.exit_adapter
+    adapter = host.adapter
     backbone = backbone_of(exits, lm, sequences)
     outputs = exits.exit_outputs(adapter, backbone)
     before = [own_adversarial(d, f, backbone.labels) for d, f in zip(exits.discriminators, outputs.features)]
@@ -421,8 +430,8 @@ def test_steps_leave_the_frozen_parts_bit_identical(layout):
     lm = model.opt_model
     backbone_before = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("early_exits.")}
     norm_head_before = {**tensors(lm.model.decoder.final_layer_norm, "norm."), **tensors(lm.lm_head, "head.")}
-    backbone = model.exit_backbone_outputs(tiny_batch())
-    outputs = exits.exit_outputs(model.exit_adapter, backbone)
+    backbone = exits_of(model).backbone_outputs(tiny_batch())
+    outputs = exits.exit_outputs(exits_of(model).adapter, backbone)
 
     def backbone_untouched():
         now = model.state_dict()
@@ -433,14 +442,14 @@ def test_steps_leave_the_frozen_parts_bit_identical(layout):
     if layout == "free":
         exits_before = tensors(exits.exits)
         discs_before = tensors(exits.discriminators)
-        discriminator_step(model, outputs, backbone, opts[DISCRIMINATOR], 0, 0)
+        discriminator_step(exits_of(model), outputs, backbone, opts[DISCRIMINATOR], 0, 0)
         backbone_untouched()
         assert identical(exits_before, exits.exits)
         assert not identical(discs_before, exits.discriminators)
         discs_before = tensors(exits.discriminators)
         exits.discriminators.zero_grad(set_to_none=True)
     exits_before = tensors(exits.exits)
-    generator_step(model, outputs, backbone, opts[GENERATOR], 0, 0)
+    generator_step(exits_of(model), outputs, backbone, opts[GENERATOR], 0, 0)
     backbone_untouched()
     assert not identical(exits_before, exits.exits)
     if layout == "free":

@@ -22,9 +22,10 @@ from lavis_free.common.safe_load import CheckpointLoadError, forced_weights_only
 from lavis_free.datasets.shards import shard_train_pipeline
 from lavis_free.exits.feature_cache import FeatureCache
 from lavis_free.models.blip2_opt_free import Blip2OPTFree
-from lavis_free.models.early_exit_model import ExitCheckpointError
+from lavis_free.hosts import ExitCheckpointError
 from lavis_free.models import tiny
 from lavis_free.models.export import export_weights
+from lavis_free.hosts import exits_of
 
 from helpers import tiny_model
 
@@ -198,7 +199,7 @@ def test_files_without_tensors_of_the_model_are_refused(tmp_path, origin, match,
 def test_non_finite_tensors_are_refused(tmp_path, origin, bad):
     """A diverged run's weights would decode garbage (or nothing) without a word."""
     source = tiny_model(**EXITS)
-    state = source.inference_state_dict() if origin == "model.exits_checkpoint" else source.state_dict()
+    state = exits_of(source).inference_state_dict() if origin == "model.exits_checkpoint" else source.state_dict()
     key = sorted(k for k, v in state.items() if v.is_floating_point())[-1]
     state = {**state, key: torch.full_like(state[key], bad)}
     path = tmp_path / "diverged.pth"

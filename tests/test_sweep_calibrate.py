@@ -78,7 +78,7 @@ def test_oracle_teacher_forcing_reproduces_the_decode(tiny_exit_model):
     images = torch.randn(3, 3, 64, 64)
     with capture_decodes(model) as calls:
         captions, stats = model.generate({"image": images, "prompt": ["a", "a photo of", ""]}, num_beams=1,
-                                         max_length=8, min_length=6, exit_threshold=2.0, return_exit_stats=True)
+                                         max_length=8, min_length=6, early_exit=False, return_exit_stats=True)
     assert "early_exit_decode" not in model.__dict__ and len(calls) == 1
     lengths = [len(row) for row in stats["exit_layers"]]
     per_exit, final = teacher_forced_argmax(model, calls[0], max(lengths))

@@ -39,6 +39,8 @@ from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
 from omegaconf import OmegaConf
 
 from lavis_free.models.blip2_opt_free import Blip2OPTFree
+from lavis_free.hosts import binding_for, exits_of
+from lavis_free.hosts.blip2 import image_queries, tokenize
 
 SEED = 3  # a seed where the properties test_engine_oracles.py asserts hold (checked there)
 NUM_LAYERS, HIDDEN, FFN, HEADS = 6, 64, 128, 4
@@ -133,10 +135,10 @@ def images(batch: int, seed: int = 1) -> torch.Tensor:
 def lm_inputs(model: Blip2OPTFree, image: torch.Tensor, prompts: Sequence[str]):
     """What the plugin hands the engine: [queries, left padding, prompt] embeddings and mask,
     plus the left-padded prompt ids and the query embeddings (for `teacher_forced`)."""
-    query_embeds, query_mask = model.encode_image_queries(image)
-    tokens = model.tokenize(prompts, image.device, "left")
-    inputs_embeds, attention_mask = model.build_lm_inputs(query_embeds, query_mask, tokens)
-    return inputs_embeds, attention_mask, tokens.input_ids, query_embeds
+    lm_batch = binding_for(model).decode_batch(model, image, prompts, 1)
+    query_embeds, _ = image_queries(model, image, model.opt_proj)
+    ids = tokenize(model.opt_tokenizer, prompts, image.device, "left", model.max_txt_len).input_ids
+    return lm_batch.inputs_embeds, lm_batch.attention_mask, ids, query_embeds
 
 
 def trim_at_eos(row: Sequence[int]) -> List[int]:
@@ -191,7 +193,7 @@ def teacher_forced(model: Blip2OPTFree, query_embeds: torch.Tensor, ids: torch.T
     decoder = lm.model.decoder
     attn_mask = decoder._prepare_decoder_attention_mask(mask, mask.shape, hidden[0], 0)
     exit_logits = []
-    for module, layer in zip(model.early_exits.exits, model.exit_config.layers):
+    for module, layer in zip(model.early_exits.exits, exits_of(model).config.layers):
         exit_input = hidden[layer + 1]  # output of decoder layer `layer`
         if hasattr(module, "layer"):
             exit_out, present = module.layer(exit_input, attention_mask=attn_mask, use_cache=True)

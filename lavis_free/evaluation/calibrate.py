@@ -26,6 +26,7 @@ from lavis_free.evaluation.oracle import capture_decodes, oracle_figures, oracle
 from lavis_free.evaluation.outputs import atomic_write, prepare_output_dir
 from lavis_free.evaluation.plots import plot_exit_histograms
 from lavis_free.evaluation.runs import (
+    FULL_DEPTH,
     Project,
     add_project_arguments,
     check_scored_split,
@@ -44,7 +45,6 @@ from lavis_free.evaluation.sweep import (
     sweep_paths,
     write_sweep,
 )
-from lavis_free.tasks.exit_eval import FULL_DEPTH_THRESHOLD
 
 
 def check_tolerance(tolerance: float) -> None:
@@ -98,10 +98,10 @@ def run_calibration(project: Project, calib_split: str, test_split: str, toleran
 
     common = {"confidence": confidence, "min_exit_layer": min_exit_layer}
     chosen = [(p, t) for p, t in selected.items() if t is not None]
-    warm_up(project, loader, {**common, "exit_threshold": chosen[0][1] if chosen else FULL_DEPTH_THRESHOLD})
+    warm_up(project, loader, {**common, **({"exit_threshold": chosen[0][1]} if chosen else FULL_DEPTH)})
     bar = tqdm(total=len(chosen) + 2, desc=f"test {test_split}", disable=not progress)
     with capture_decodes(project.model) as calls:
-        full = run_setting(project, loader, test_split, {**common, "exit_threshold": FULL_DEPTH_THRESHOLD}, "full depth", progress)
+        full = run_setting(project, loader, test_split, {**common, **FULL_DEPTH}, "full depth", progress)
     bar.update()
     reference = compared_figures(full, None, metric)
     result["oracle"] = oracle_figures(oracle_stats(project.model, calls))

@@ -31,38 +31,40 @@ import torch
 
 from lavis_free.evaluation.outputs import atomic_write, prepare_output_dir
 from lavis_free.evaluation.plots import plot_exit_histograms
-from lavis_free.evaluation.runs import add_project_arguments, decode_split, project_from_args, split_loader
+from lavis_free.evaluation.runs import FULL_DEPTH, add_project_arguments, decode_split, project_from_args, split_loader
 from lavis_free.exits.engine import DecodeOptions, DecodeResult
-from lavis_free.tasks.exit_eval import FULL_DEPTH_THRESHOLD, ExitTally
+from lavis_free.exits.lm_batch import LMBatch
+from lavis_free.hosts import exits_of
+from lavis_free.tasks.exit_eval import ExitTally
 
 
 @dataclass
 class DecodeCall:
-    """One call of `early_exit_decode`: its inputs and result."""
+    """One engine decode (`AttachedExits.decode`): its decoder prefix, options and result."""
 
-    inputs_embeds: torch.Tensor
-    attention_mask: torch.Tensor
+    lm_batch: LMBatch
     options: DecodeOptions
     result: DecodeResult
 
 
 @contextmanager
 def capture_decodes(model: torch.nn.Module) -> Iterator[List[DecodeCall]]:
-    """Records every `model.early_exit_decode` call made inside the block (the calls still run).
-    The hook is an instance attribute, removed on exit, so the class is untouched."""
+    """Records every engine decode of `model`'s attached exits inside the block (the calls still
+    run). The hook is an instance attribute, removed on exit, so no class is touched."""
     calls: List[DecodeCall] = []
-    decode = model.early_exit_decode
+    host = exits_of(model)
+    decode = host.decode
 
-    def observed(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, options: DecodeOptions) -> DecodeResult:
-        result = decode(inputs_embeds, attention_mask, options)
-        calls.append(DecodeCall(inputs_embeds, attention_mask, options, result))
+    def observed(lm_batch: LMBatch, options: DecodeOptions) -> DecodeResult:
+        result = decode(lm_batch, options)
+        calls.append(DecodeCall(lm_batch, options, result))
         return result
 
-    model.early_exit_decode = observed
+    host.decode = observed
     try:
         yield calls
     finally:
-        del model.early_exit_decode
+        del host.decode
 
 
 def oracle_row(exit_tokens: Sequence[Sequence[int]], final_tokens: Sequence[int], exit_layers: Sequence[int],
@@ -104,14 +106,16 @@ def teacher_forced_argmax(model: torch.nn.Module, call: DecodeCall, steps: int) 
     """Argmax of every exit ([K, B, steps]) and of the final layer ([B, steps]) at the first
     `steps` generated steps of a decode, teacher-forced on its tokens after the engine's own
     prefix. Step 0 (the prefill's token, which never exits) is -1 for the exits."""
-    adapter, exits = model.exit_adapter, model.early_exits
+    host = exits_of(model)
+    adapter, exits = host.adapter, host.early_exits
     tokens = call.result.tokens[:, :steps]
-    prefix = call.attention_mask.shape[1]
-    inputs = torch.cat([call.inputs_embeds, adapter.embed_tokens(tokens[:, :-1])], dim=1)
-    mask = torch.cat([call.attention_mask, torch.ones_like(tokens[:, :-1], dtype=call.attention_mask.dtype)], dim=1)
-    backbone = exits.backbone_outputs(adapter, inputs, mask, torch.zeros_like(mask, dtype=torch.long))
+    prefix_batch = call.lm_batch
+    prefix = prefix_batch.attention_mask.shape[1]
+    inputs = torch.cat([prefix_batch.inputs_embeds, adapter.embed_tokens(tokens[:, :-1])], dim=1)
+    mask = torch.cat([prefix_batch.attention_mask, torch.ones_like(tokens[:, :-1], dtype=prefix_batch.attention_mask.dtype)], dim=1)
+    backbone = exits.backbone_outputs(adapter, LMBatch(inputs, mask, encoder=prefix_batch.encoder))
     opts = call.options
-    suppressed = [s for s in range(steps) if opts.prompt_length + s < opts.min_length]
+    suppressed = [s for s in range(steps) if prefix_batch.prompt_length + s < opts.min_length]
 
     def argmax(logits: torch.Tensor) -> torch.Tensor:
         window = logits[:, prefix - 1 :].clone()  # column s predicts token s
@@ -129,18 +133,19 @@ def oracle_stats(model: torch.nn.Module, calls: Sequence[DecodeCall]) -> Dict[st
     """Exit stats (the format of `generate(return_exit_stats=True)`) of the oracle exit over
     full-depth decodes, with each decode's `min_exit_layer`; a model without exits gives full
     depth everywhere."""
-    num_layers = model.exit_adapter.num_layers
+    host = exits_of(model)
+    num_layers = host.adapter.num_layers
     stats: Dict[str, Any] = {"exit_layers": [], "exit_blocks_run": [], "heads_run": [], "num_layers": num_layers,
-                             "head_cost": model.exit_adapter.head_cost_in_layers()}
+                             "head_cost": host.adapter.head_cost_in_layers()}
     for call in calls:
-        if call.options.exits_enabled:
-            raise ValueError("the oracle needs full-depth decodes (exit_threshold above 1)")
-        lengths = [len(row) for row in model.exit_stats(call.result)["exit_layers"]]
-        layers = list(model.early_exits.config.layers) if model.early_exits is not None else []
+        if call.options.exits.enabled:
+            raise ValueError("the oracle needs full-depth decodes (early_exit=False)")
+        lengths = [len(row) for row in host.exit_stats(call.result)["exit_layers"]]
+        layers = list(host.early_exits.config.layers) if host.early_exits is not None else []
         argmax = teacher_forced_argmax(model, call, max(lengths))[0].tolist() if layers else []
         for row, (length, tokens) in enumerate(zip(lengths, call.result.tokens.tolist())):
             per_exit = [argmax[k][row][:length] for k in range(len(layers))]
-            run, blocks, heads = oracle_row(per_exit, tokens[:length], layers, num_layers, call.options.min_exit_layer)
+            run, blocks, heads = oracle_row(per_exit, tokens[:length], layers, num_layers, call.options.exits.min_exit_layer)
             stats["exit_layers"].append(run)
             stats["exit_blocks_run"].append(blocks)
             stats["heads_run"].append(heads)
@@ -167,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     out = prepare_output_dir(args.out)
     project = project_from_args(args)
     loader = split_loader(project, args.split, args.max_samples, args.dataset)
-    settings = {"exit_threshold": FULL_DEPTH_THRESHOLD, "min_exit_layer": args.min_exit_layer}
+    settings = {**FULL_DEPTH, "min_exit_layer": args.min_exit_layer}
     with capture_decodes(project.model) as calls:
         decode_split(project, loader, settings, f"full depth {args.split}", progress=not args.no_progress)
     figures = {"cfg_path": args.cfg_path, "split": args.split, "num_samples": len(loader.dataset),

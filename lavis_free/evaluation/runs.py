@@ -24,10 +24,12 @@ from lavis.datasets.data_utils import prepare_sample
 from lavis_free.common.launch import check_registered_names, setup_seeds
 from lavis_free.tasks.caption_metrics import caption_metrics
 from lavis_free.tasks.captioning import FreeCaptionTask
-from lavis_free.tasks.exit_eval import FULL_DEPTH_THRESHOLD, ExitEvaluator, ExitTally
+from lavis_free.exits.options import ExitOptions
+from lavis_free.tasks.exit_eval import ExitEvaluator, ExitTally
 
 
-EXIT_SETTING_KEYS = ("exit_threshold", "kv_policy", "confidence", "min_exit_layer")
+EXIT_SETTING_KEYS = ExitOptions.names()
+FULL_DEPTH = {"early_exit": False}  # the settings of a full-depth decoding
 
 
 @dataclass
@@ -195,8 +197,7 @@ def decode_split(project: Project, loader: Iterable[Any], settings: Mapping[str,
     if unknown:
         raise ValueError(f"unknown exit settings {unknown}; allowed: {EXIT_SETTING_KEYS}")
     task.generate_kwargs = {**project.base_generate_kwargs, **{k: v for k, v in settings.items() if v is not None}}
-    threshold = settings.get("exit_threshold")
-    task.exit_eval = ExitEvaluator(compare_full_depth=threshold is not None and threshold <= 1)
+    task.exit_eval = ExitEvaluator(compare_full_depth=ExitOptions().override(**settings).enabled)
     results: List[Mapping[str, Any]] = []
     try:
         for samples in tqdm(loader, desc=desc, leave=False, disable=not progress):
@@ -223,5 +224,5 @@ def warm_up(project: Project, loader: DataLoader, settings: Mapping[str, Any]) -
     """Decodes the first batch once at full depth and once with `settings`, untimed, so lazy
     initialisation does not land in the first timed setting."""
     first = [next(iter(loader))]
-    for threshold in (FULL_DEPTH_THRESHOLD, settings.get("exit_threshold")):
-        decode_split(project, first, {**settings, "exit_threshold": threshold}, progress=False)
+    for decoding in (FULL_DEPTH, settings):
+        decode_split(project, first, decoding, progress=False)

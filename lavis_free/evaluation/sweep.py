@@ -25,6 +25,7 @@ from tqdm import tqdm
 from lavis_free.evaluation.outputs import atomic_write, prepare_output_dir
 from lavis_free.evaluation.plots import plot_sweep
 from lavis_free.evaluation.runs import (
+    FULL_DEPTH,
     Project,
     SettingRun,
     add_project_arguments,
@@ -34,8 +35,8 @@ from lavis_free.evaluation.runs import (
     scored_loader,
     warm_up,
 )
-from lavis_free.exits.config import KV_POLICIES
-from lavis_free.tasks.exit_eval import FULL_DEPTH_THRESHOLD
+from lavis_free.exits.options import KV_POLICIES
+from lavis_free.hosts import exits_of
 
 DEFAULT_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
@@ -81,7 +82,7 @@ def run_sweep(project: Project, split: str, thresholds: Sequence[float], policie
     warm_up(project, loader, {**common, "exit_threshold": min(thresholds), "kv_policy": policies[0]})
     grid = [(p, t) for p in policies for t in sorted(thresholds)]
     bar = tqdm(total=len(grid) + 1, desc=f"sweep {split}", disable=not progress)
-    full = run_setting(project, loader, split, {**common, "exit_threshold": FULL_DEPTH_THRESHOLD}, "full depth", progress)
+    full = run_setting(project, loader, split, {**common, **FULL_DEPTH}, "full depth", progress)
     bar.update()
     rows: List[Dict[str, Any]] = []
     table = {
@@ -89,8 +90,8 @@ def run_sweep(project: Project, split: str, thresholds: Sequence[float], policie
         "split": split,
         "num_samples": len(loader.dataset),
         "metric": metric,
-        "num_layers": project.model.exit_adapter.num_layers,
-        "exit_layers": list(getattr(project.model.exit_config, "layers", ())),  # 0-based: exit after layer i
+        "num_layers": exits_of(project.model).adapter.num_layers,
+        "exit_layers": list(exits_of(project.model).config.layers),  # 0-based: exit after layer i
         "num_settings": len(grid),
         "complete": False,
         "full_depth": compared_figures(full, None, metric),

@@ -10,7 +10,7 @@ from typing import Callable, Dict
 
 import torch
 
-from lavis_free.exits.config import CONFIDENCES, ExitConfigError
+from lavis_free.exits.options import CONFIDENCES, ExitConfigError
 
 ConfidenceFn = Callable[[torch.Tensor], torch.Tensor]
 

@@ -9,19 +9,16 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
+from lavis_free.exits.options import CONFIDENCES, KV_POLICIES, ExitConfigError, ExitOptions, fail
+
 EXIT_INITS = ("last", "next", "random")
 EXIT_LAYOUTS = ("free", "no_adversarial", "vanilla")
 LOSS_MODES = ("supervised", "distill", "pseudo")
-KV_POLICIES = ("recompute", "propagate")
-CONFIDENCES = ("max_prob", "margin", "entropy")
-
-
-class ExitConfigError(ValueError):
-    """A bad `exits.*` setting; the message names the key and what is allowed."""
+__all__ = ["CONFIDENCES", "KV_POLICIES", "ExitConfig", "ExitConfigError", "LossConfig"]
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ExitConfigError(f"exits.{key}={value!r} is invalid: {allowed}")
+    fail(f"exits.{key}", value, allowed)
 
 
 def _choice(key: str, value: Any, allowed: Sequence[str]) -> str:
@@ -34,20 +31,6 @@ def _number(key: str, value: Any, low: float, high: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         _fail(key, value, f"expected a number in [{low}, {high}]")
     return float(value)
-
-
-def validate_exit_threshold(value: Any, key: str = "inference.exit_threshold") -> float:
-    """A threshold is a confidence in [0, 1]; any value above 1 disables exits."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-        _fail(key, value, "expected a number >= 0 (confidences lie in [0, 1]; above 1 disables exits)")
-    return float(value)
-
-
-def validate_min_exit_layer(value: Any, num_layers: int, key: str = "inference.min_exit_layer") -> int:
-    """The fewest decoder layers a token must run before it may leave at an exit."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= num_layers:
-        _fail(key, value, f"expected an integer in [0, {num_layers}] (decoder layers run before an exit)")
-    return value
 
 
 @dataclass(frozen=True)
@@ -71,23 +54,6 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class InferenceConfig:
-    """Defaults of the early-exit decoder; every field can be overridden per `generate` call."""
-
-    exit_threshold: float = 2.0
-    kv_policy: str = "recompute"
-    confidence: str = "max_prob"
-    min_exit_layer: int = 0
-
-    def validate(self, num_layers: int) -> "InferenceConfig":
-        validate_exit_threshold(self.exit_threshold)
-        _choice("inference.kv_policy", self.kv_policy, KV_POLICIES)
-        _choice("inference.confidence", self.confidence, CONFIDENCES)
-        validate_min_exit_layer(self.min_exit_layer, num_layers)
-        return self
-
-
-@dataclass(frozen=True)
 class ExitConfig:
     """Exit k sits after decoder layer `layers[k]` (0-based) and reads that layer's output."""
 
@@ -96,7 +62,7 @@ class ExitConfig:
     layout: str = "free"
     disc_hidden: int = 256
     loss: LossConfig = field(default_factory=LossConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    inference: ExitOptions = field(default_factory=ExitOptions)  # decode defaults (options.py)
 
     @property
     def enabled(self) -> bool:
@@ -115,17 +81,16 @@ class ExitConfig:
         if unknown:
             _fail(unknown[0], cfg[unknown[0]], f"unknown key; known keys are {', '.join(sorted(known))}")
         loss = dict(cfg.pop("loss", None) or {})
-        inference = dict(cfg.pop("inference", None) or {})
-        for section, fields in (("loss", LossConfig), ("inference", InferenceConfig)):
-            names = set(fields.__dataclass_fields__)
-            extra = sorted(set(loss if section == "loss" else inference) - names)
-            if extra:
-                _fail(f"{section}.{extra[0]}", "?", f"unknown key; known keys are {', '.join(sorted(names))}")
+        names = set(LossConfig.__dataclass_fields__)
+        extra = sorted(set(loss) - names)
+        if extra:
+            _fail(f"loss.{extra[0]}", "?", f"unknown key; known keys are {', '.join(sorted(names))}")
+        inference = ExitOptions.from_dict(cfg.pop("inference", None), num_layers)
         layers = cfg.pop("layers", ())
         config = cls(
             layers=tuple(layers) if isinstance(layers, Sequence) and not isinstance(layers, str) else layers,
             loss=LossConfig(**loss),
-            inference=InferenceConfig(**inference),
+            inference=inference,
             **cfg,
         )
         return config.validate(num_layers)
@@ -151,7 +116,7 @@ class ExitConfig:
         if isinstance(self.disc_hidden, bool) or not isinstance(self.disc_hidden, int) or self.disc_hidden < 1:
             _fail("disc_hidden", self.disc_hidden, "expected a positive integer")
         self.loss.validate()
-        self.inference.validate(num_layers)
+        self.inference.validate(num_layers, "exits.inference.")
         return self
 
     def layout_signature(self) -> dict:

@@ -8,17 +8,18 @@ losses computed from the same exit features.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from lavis_free.exits import losses
-from lavis_free.exits.adapters.base import DecoderAdapter
+from lavis_free.exits.adapters.base import DecoderAdapter, EncoderContext
 from lavis_free.exits.attention import full_sequence_mask
 from lavis_free.exits.config import ExitConfig
 from lavis_free.exits.discriminator import FeatureClassifier
 from lavis_free.exits.exit_block import build_exit
+from lavis_free.exits.lm_batch import LMBatch
 
 
 @dataclass
@@ -28,7 +29,8 @@ class BackboneOutputs:
     exit_inputs: List[torch.Tensor]  # output of decoder layer layers[k], [B, T, D] each
     final_features: torch.Tensor  # final-normed output of the last layer, [B, T, D]
     attention_mask: torch.Tensor  # [B, T]
-    labels: torch.Tensor  # [B, T], -100 where no loss
+    labels: torch.Tensor  # [B, T] aligned targets (see lm_batch), -100 where no loss
+    encoder: Optional[EncoderContext] = None  # encoder-decoder LMs: what exit layers cross-attend to
 
 
 @dataclass
@@ -58,19 +60,15 @@ class EarlyExits(nn.Module):
         return {f"exits.{k}": v for k, v in self.exits.state_dict().items()}
 
     @torch.no_grad()
-    def backbone_outputs(
-        self,
-        adapter: DecoderAdapter,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor,
-    ) -> BackboneOutputs:
-        hidden = adapter.hidden_states(inputs_embeds, attention_mask)
+    def backbone_outputs(self, adapter: DecoderAdapter, batch: LMBatch) -> BackboneOutputs:
+        hidden = adapter.hidden_states(batch.inputs_embeds, batch.attention_mask, batch.encoder)
+        labels = batch.labels if batch.labels is not None else torch.full_like(batch.attention_mask, -100, dtype=torch.long)
         return BackboneOutputs(
             exit_inputs=[hidden[layer] for layer in self.config.layers],
             final_features=adapter.final_norm(hidden[-1]),
-            attention_mask=attention_mask,
+            attention_mask=batch.attention_mask,
             labels=labels,
+            encoder=batch.encoder,
         )
 
     def exit_outputs(self, adapter: DecoderAdapter, backbone: BackboneOutputs) -> ExitOutputs:
@@ -78,14 +76,14 @@ class EarlyExits(nn.Module):
         mask = full_sequence_mask(backbone.attention_mask)
         features, logits = [], []
         for exit_module, hidden in zip(self.exits, backbone.exit_inputs):
-            feats = exit_module.features(adapter, hidden, positions, mask)
+            feats = exit_module.features(adapter, hidden, positions, mask, encoder=backbone.encoder)
             features.append(feats)
             logits.append(exit_module.logits(adapter, feats))
         return ExitOutputs(features, logits)
 
     def discriminator_loss(self, outputs: ExitOutputs, backbone: BackboneOutputs) -> Tuple[torch.Tensor, dict]:
         """Mean over exits of the feature classifier's real/fake loss (exit features detached)."""
-        mask = losses.next_token_mask(backbone.labels)
+        mask = losses.scored_mask(backbone.labels)
         real = backbone.final_features
         per_exit = [
             losses.discriminator_loss(disc(real), disc(feats.detach()), mask)
@@ -99,7 +97,7 @@ class EarlyExits(nn.Module):
     ) -> Tuple[torch.Tensor, dict]:
         """Token loss of every exit, plus the adversarial loss when the layout is `free`."""
         cfg = self.config.loss
-        mask = losses.next_token_mask(backbone.labels)
+        mask = losses.scored_mask(backbone.labels)
         if cfg.mode == "distill":
             with torch.no_grad():
                 teacher = adapter.head(backbone.final_features)

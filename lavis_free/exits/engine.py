@@ -12,8 +12,8 @@ finished (EOS) stop computing once they are more than half the batch (before tha
 others costs more than computing them; their tokens are padding either way). With `recompute`, a row's window also carries its pending columns; rows with shorter
 windows are masked within the batched call.
 
-With exits disabled (threshold above 1) the engine is plain full-depth greedy decoding and gives
-the same tokens as Hugging Face `generate(num_beams=1)` on the same weights.
+With exits off (`early_exit=False`, options.py) the engine is plain full-depth greedy decoding and
+gives the same tokens as Hugging Face `generate(num_beams=1)` on the same weights.
 """
 from __future__ import annotations
 
@@ -23,46 +23,30 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from lavis_free.exits.adapters.base import DecoderAdapter
+from lavis_free.exits.adapters.base import DecoderAdapter, EncoderContext, Rows
 from lavis_free.exits.attention import decode_mask
-from lavis_free.exits.config import (
-    KV_POLICIES,
-    ExitConfigError,
-    validate_exit_threshold,
-    validate_min_exit_layer,
-)
 from lavis_free.exits.confidence import get_confidence
 from lavis_free.exits.early_exits import EarlyExits
 from lavis_free.exits.kv_cache import DecodeCache, Window
+from lavis_free.exits.lm_batch import LMBatch
+from lavis_free.exits.options import FULL_DEPTH, ExitOptions
 
 
 @dataclass
 class DecodeOptions:
+    """One greedy decode: lengths and special ids (the host's), and the early-exit options."""
+
     max_new_tokens: int
     eos_token_id: int
     pad_token_id: int
-    min_length: int = 0  # Hugging Face semantics: counts `prompt_length` + generated tokens
-    prompt_length: int = 0
-    exit_threshold: float = 2.0
-    kv_policy: str = "recompute"
-    confidence: str = "max_prob"
-    min_exit_layer: int = 0
+    min_length: int = 0  # Hugging Face semantics: counts the prefix's `prompt_length` + generated tokens
+    exits: ExitOptions = FULL_DEPTH
 
     def validate(self, num_layers: int) -> "DecodeOptions":
-        validate_exit_threshold(self.exit_threshold, "exit_threshold")
-        validate_min_exit_layer(self.min_exit_layer, num_layers, "min_exit_layer")
-        if self.kv_policy not in KV_POLICIES:
-            raise ExitConfigError(
-                f"kv_policy={self.kv_policy!r} is invalid: allowed values are {', '.join(KV_POLICIES)}"
-            )
-        get_confidence(self.confidence)
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} is invalid: expected >= 1")
+        self.exits.validate(num_layers)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is invalid: expected an integer >= 1")
         return self
-
-    @property
-    def exits_enabled(self) -> bool:
-        return self.exit_threshold <= 1.0
 
 
 @dataclass
@@ -91,6 +75,10 @@ class EarlyExitDecoder:
         # The decoder layer that fills each slot's keys/values (backbone layers, then exit layers).
         self.slot_layers = list(adapter.layers) + [self.exits[k].layer for k in self.exit_slot]
         self.cache: Optional[DecodeCache] = None
+        self.encoder: Optional[EncoderContext] = None
+
+    def _encoder_rows(self, rows: Rows) -> Optional[EncoderContext]:
+        return self.encoder.select(rows) if self.encoder is not None else None
 
     # -- running one slot -------------------------------------------------------------------
     def _run_layer(self, layer: int, row_ids: np.ndarray, last: int) -> None:
@@ -105,6 +93,7 @@ class EarlyExitDecoder:
             cache.positions[win.rows, win.first : last + 1],
             self._mask(win),
             cache.kv_store(layer, win),
+            self._encoder_rows(win.rows),
         )
         cache.write_states(win, hidden)
         cache.commit(layer, win)
@@ -124,6 +113,7 @@ class EarlyExitDecoder:
             cache.positions[win.rows, win.first : last + 1],
             self._mask(win),
             cache.kv_store(slot, win),
+            self._encoder_rows(win.rows),
         )
         cache.commit(slot, win)
         return features[:, -1]
@@ -147,12 +137,11 @@ class EarlyExitDecoder:
     ) -> np.ndarray:
         """THE exit decision: which `rows` (still going, at exit `exit_index`, generating token
         `step`) are confident enough to emit now. Subclasses may replace the rule."""
-        confidence = get_confidence(opts.confidence)(logits)
-        return (confidence >= opts.exit_threshold).cpu().numpy()
+        confidence = get_confidence(opts.exits.confidence)(logits)
+        return (confidence >= opts.exits.exit_threshold).cpu().numpy()
 
-    @staticmethod
-    def _suppress_eos(logits: torch.Tensor, step: int, opts: DecodeOptions) -> torch.Tensor:
-        if opts.prompt_length + step < opts.min_length:
+    def _suppress_eos(self, logits: torch.Tensor, step: int, opts: DecodeOptions) -> torch.Tensor:
+        if self.prompt_length + step < opts.min_length:
             logits = logits.clone()
             logits[:, opts.eos_token_id] = -float("inf")
         return logits
@@ -164,16 +153,18 @@ class EarlyExitDecoder:
             yield layer, (self.exit_after.get(layer) if use_exits else None)
 
     @torch.no_grad()
-    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, use_exits: bool) -> torch.Tensor:
-        """Runs the prefix at full depth (exit caches too when exits are used); returns the
-        last column's final features."""
+    def prefill(self, lm_batch: LMBatch, max_new_tokens: int, use_exits: bool) -> torch.Tensor:
+        """Runs the decoder prefix at full depth (exit caches too when exits are used); returns
+        the last column's final features."""
         adapter = self.adapter
+        inputs_embeds, attention_mask = lm_batch.inputs_embeds, lm_batch.attention_mask
+        self.encoder = lm_batch.encoder.memoized() if lm_batch.encoder is not None else None
         batch, prefix = attention_mask.shape
         self.cache = cache = DecodeCache(
             adapter.num_layers + len(self.exit_slot),
             batch,
             prefix + max_new_tokens,
-            adapter.num_heads,
+            adapter.num_kv_heads,
             adapter.head_dim,
             adapter.hidden_size,
             inputs_embeds.dtype,
@@ -191,15 +182,17 @@ class EarlyExitDecoder:
         return adapter.final_norm(cache.states[:, prefix - 1])
 
     @torch.no_grad()
-    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, opts: DecodeOptions) -> DecodeResult:
-        """Greedy decoding with early exits. `inputs_embeds` are token-level embeddings of the
-        prefix (before position information), left-padded as `attention_mask` says."""
+    def generate(self, lm_batch: LMBatch, opts: DecodeOptions) -> DecodeResult:
+        """Greedy decoding with early exits. `lm_batch.inputs_embeds` are token-level embeddings
+        of the decoder prefix (before position information), left-padded as its mask says."""
         adapter = self.adapter
         num_layers = adapter.num_layers
         opts.validate(num_layers)
-        use_exits = opts.exits_enabled and bool(self.exits)
-        batch, prefix = attention_mask.shape
-        features = self.prefill(inputs_embeds, attention_mask, opts.max_new_tokens, use_exits)
+        use_exits = opts.exits.enabled and bool(self.exits)
+        self.prompt_length = lm_batch.prompt_length
+        batch, prefix = lm_batch.attention_mask.shape
+        inputs_embeds = lm_batch.inputs_embeds
+        features = self.prefill(lm_batch, opts.max_new_tokens, use_exits)
         cache = self.cache
 
         tokens = torch.full((batch, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=inputs_embeds.device)
@@ -215,7 +208,7 @@ class EarlyExitDecoder:
             heads_run[row].append(1)
 
         exit_layers_allowed = {
-            layer: k for layer, k in self.exit_after.items() if layer + 1 >= opts.min_exit_layer
+            layer: k for layer, k in self.exit_after.items() if layer + 1 >= opts.exits.min_exit_layer
         } if use_exits else {}
         for step in range(1, opts.max_new_tokens):
             unfinished = np.flatnonzero(~finished)
@@ -246,7 +239,7 @@ class EarlyExitDecoder:
                 tokens[torch.as_tensor(leaving, device=tokens.device), step] = logits[torch.as_tensor(leave)].argmax(-1)
                 for row in leaving:
                     layers_run[row].append(layer + 1)
-                if opts.kv_policy == "propagate":
+                if opts.exits.kv_policy == "propagate":
                     cache.propagate(leaving, col, self._skipped_slots(layer), self._project)
                 going = going[~leave]
                 if len(going) == 0:

@@ -9,11 +9,12 @@ hidden state directly (no attention, no cache).
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 from torch import nn
 
-from lavis_free.exits.adapters.base import DecoderAdapter, KVStore, no_cache
+from lavis_free.exits.adapters.base import DecoderAdapter, EncoderContext, KVStore, no_cache
 from lavis_free.exits.config import ExitConfig
 
 
@@ -31,9 +32,11 @@ class ExitBlock(nn.Module):
         positions: torch.Tensor,
         attn_mask: torch.Tensor | None,
         kv_store: KVStore = no_cache,
+        encoder: Optional[EncoderContext] = None,
     ) -> torch.Tensor:
-        """Final-normed exit features: what the frozen head and the discriminator read."""
-        return adapter.final_norm(adapter.forward_layer(self.layer, hidden, positions, attn_mask, kv_store))
+        """Final-normed exit features: what the frozen head and the discriminator read. An exit
+        layer is a layer of the LM's own type, so it cross-attends to `encoder` like the others."""
+        return adapter.final_norm(adapter.forward_layer(self.layer, hidden, positions, attn_mask, kv_store, encoder))
 
     def logits(self, adapter: DecoderAdapter, features: torch.Tensor) -> torch.Tensor:
         return adapter.head(features)
@@ -51,7 +54,7 @@ class VanillaExit(nn.Module):
         for param in self.parameters():
             param.requires_grad_(True)
 
-    def features(self, adapter, hidden, positions, attn_mask, kv_store=no_cache) -> torch.Tensor:
+    def features(self, adapter, hidden, positions, attn_mask, kv_store=no_cache, encoder=None) -> torch.Tensor:
         return self.norm(hidden)
 
     def logits(self, adapter: DecoderAdapter, features: torch.Tensor) -> torch.Tensor:

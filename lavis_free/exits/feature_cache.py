@@ -37,6 +37,7 @@ from torch import nn
 
 from lavis_free.common.files import write_atomically
 from lavis_free.common.safe_load import CheckpointLoadError, load_torch_file
+from lavis_free.exits.adapters.base import EncoderContext
 from lavis_free.exits.early_exits import BackboneOutputs
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def backbone_fingerprint(model: nn.Module, trainable_prefix: str = "early_exits.
     float16 copy (LAVIS loads OPT and the ViT in fp16 on GPU) share a digest; a sample, so that
     it stays cheap for billions of parameters (training changes every value of a tensor, so a
     retrained or other backbone differs in its sample). Checkpoints holding exits record it (see
-    `EarlyExitMixin.exit_metadata`), as does the feature cache's manifest."""
+    `AttachedExits.exit_metadata`), as does the feature cache's manifest."""
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -158,6 +159,9 @@ class FeatureCache:
                 "features": stacked[row][:, valid].to("cpu", self.dtype).clone(),
                 "labels": outputs.labels[row][valid].to("cpu", torch.int64).clone(),
             }
+            if outputs.encoder is not None:  # encoder-decoder LMs: what the exits cross-attend to
+                encoder_valid = outputs.encoder.mask[row].bool()
+                item["encoder_states"] = outputs.encoder.states[row][encoder_valid].to("cpu", self.dtype).clone()
             path = self._path(key)
             path.parent.mkdir(exist_ok=True)
             write_atomically(path, lambda partial: torch.save(item, partial))
@@ -180,4 +184,18 @@ def _pad_batch(items: List[Dict[str, torch.Tensor]], device: torch.device, dtype
         final_features=features[:, -1],
         attention_mask=mask.to(device),
         labels=labels.to(device),
+        encoder=_pad_encoder(items, device, dtype),
     )
+
+
+def _pad_encoder(items: List[Dict[str, torch.Tensor]], device: torch.device, dtype: torch.dtype) -> Optional[EncoderContext]:
+    """The encoder states of the batch, right-padded and masked (None for decoder-only LMs)."""
+    if "encoder_states" not in items[0]:
+        return None
+    lengths = [item["encoder_states"].shape[0] for item in items]
+    states = torch.zeros(len(items), max(lengths), items[0]["encoder_states"].shape[-1], dtype=dtype)
+    mask = torch.zeros(len(items), max(lengths), dtype=torch.long)
+    for row, (item, n) in enumerate(zip(items, lengths)):
+        states[row, :n] = item["encoder_states"].to(dtype)
+        mask[row, :n] = 1
+    return EncoderContext(states.to(device), mask.to(device))

@@ -1,28 +1,27 @@
 """Losses of exit training.
 
-Token losses make an exit predict the right next token (cross-entropy on labels) or the final
-layer's distribution (KL, for unlabeled data). The adversarial pair is the non-saturating GAN
+Token losses make an exit predict each position's target (cross-entropy on aligned labels, see
+`lm_batch`) or the final layer's distribution (KL, for unlabeled data). The adversarial pair is the non-saturating GAN
 loss over per-token features: the discriminator labels final-layer features 1 and exit features
 0; the generator (exit) is rewarded when its features are labelled 1.
 All losses average over the positions selected by `mask` ([B, T] bool, True = a position whose
-next token is trained).
+target is trained).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from lavis_free.exits.lm_batch import IGNORE_INDEX
 
-def next_token_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Positions t whose target labels[t + 1] is a real token (LAVIS marks ignored ones -100)."""
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != -100
-    return mask
+
+def scored_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Positions t whose aligned target labels[:, t] is a real token (LAVIS marks ignored ones -100)."""
+    return labels != IGNORE_INDEX
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    targets = labels[:, 1:][mask[:, :-1]]
-    return F.cross_entropy(logits[mask].float(), targets)
+    return F.cross_entropy(logits[mask].float(), labels[mask])
 
 
 def distill_loss(

@@ -38,7 +38,8 @@ from lavis_free.evaluation.plots import OUTSIDE_RIGHT, new_figure, save_figure
 from lavis_free.exits.config import EXIT_LAYOUTS, ExitConfig
 from lavis_free.exits.early_exits import BackboneOutputs, EarlyExits
 from lavis_free.exits.feature_cache import backbone_fingerprint
-from lavis_free.exits.losses import next_token_mask
+from lavis_free.exits.losses import scored_mask
+from lavis_free.hosts import exits_of
 
 HEAD_ON_LAYER = "head_on_layer"
 
@@ -105,11 +106,12 @@ def parameter_counts(model: nn.Module) -> Dict[str, Any]:
 
     FREE and no_adversarial share the exit transformers; FREE adds one discriminator per exit
     while training only. vanilla has a norm + vocabulary projection per exit."""
-    adapter = model.exit_adapter
-    base = model.exit_config.to_dict()
+    host = exits_of(model)
+    adapter = host.adapter
+    base = host.config.to_dict()
     counts: Dict[str, Any] = {
         "lm_decoder_layer": _count(adapter.layers[-1]),
-        "lm_total": _count(model.exit_lm()),
+        "lm_total": _count(host.lm),
         "model_total": _count(model) - _count(model.early_exits),
     }
     for layout in EXIT_LAYOUTS:
@@ -146,22 +148,25 @@ class Tally:
 def layer_quality(models: Mapping[str, nn.Module], batches: Iterator[Dict[str, Any]]) -> Dict[str, Any]:
     """Teacher-forced accuracy and agreement per layer (head on every layer) and per trained exit."""
     reference = next(iter(models.values()))
-    adapter = reference.exit_adapter
-    layers = list(reference.exit_config.layers)
+    host = exits_of(reference)
+    adapter = host.adapter
+    layers = list(host.config.layers)
     head_tallies = [Tally() for _ in range(adapter.num_layers)]
     exit_tallies = {name: [Tally() for _ in layers] for name in models}
     sequences = 0
     for samples in batches:
-        inputs_embeds, attention_mask, labels = reference.lm_training_inputs(samples)
-        hidden = adapter.hidden_states(inputs_embeds, attention_mask)
-        mask = next_token_mask(labels)
-        targets = labels[:, 1:][mask[:, :-1]]
+        with host.frozen_backbone_eval():
+            batch = host.binding.training_batch(reference, samples)
+        labels = batch.labels
+        hidden = adapter.hidden_states(batch.inputs_embeds, batch.attention_mask, batch.encoder)
+        mask = scored_mask(labels)
+        targets = labels[mask]
         final = adapter.logits(hidden[-1])[mask].argmax(-1)
         for tally, states in zip(head_tallies, hidden):
             tally.add(adapter.logits(states)[mask].argmax(-1), targets, final)
-        backbone = BackboneOutputs([hidden[l] for l in layers], adapter.final_norm(hidden[-1]), attention_mask, labels)
+        backbone = BackboneOutputs([hidden[l] for l in layers], adapter.final_norm(hidden[-1]), batch.attention_mask, labels, batch.encoder)
         for name, model in models.items():
-            outputs = model.early_exits.exit_outputs(model.exit_adapter, backbone)
+            outputs = model.early_exits.exit_outputs(adapter, backbone)
             for tally, logits in zip(exit_tallies[name], outputs.logits):
                 tally.add(logits[mask].argmax(-1), targets, final)
         sequences += labels.shape[0]
@@ -251,8 +256,8 @@ def write_report(
         "options": list(options),
         "split": split,
         "checkpoints": dict(checkpoints),
-        "num_layers": reference.exit_adapter.num_layers,
-        "exit_layers": list(reference.exit_config.layers),
+        "num_layers": exits_of(reference).adapter.num_layers,
+        "exit_layers": list(exits_of(reference).config.layers),
         "parameters": parameter_counts(reference),
         "quality": layer_quality(models, caption_batches(eval_dataset(config, split), batch_size, device, limit)),
     }

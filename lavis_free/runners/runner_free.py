@@ -41,7 +41,8 @@ from lavis_free.common.dist import barrier, gather_values
 from lavis_free.common.files import write_atomically
 from lavis_free.common.paths import output_dir_for, set_registry_path
 from lavis_free.common.safe_load import load_torch_file
-from lavis_free.models.early_exit_model import EXIT_METADATA, EarlyExitMixin
+from lavis_free.hosts import exits_of
+from lavis_free.hosts.attached import EXIT_METADATA
 from lavis_free.runners import optim
 from lavis_free.runners.checkpoint import load_trainable_state, trainable_state_dict
 from lavis_free.runners.loaders import build_loaders, check_train_split
@@ -300,7 +301,7 @@ class RunnerFree(RunnerBase):
         model = self.unwrap_dist_model(self.model)
         save_obj = {
             "model": trainable_state_dict(model),
-            EXIT_METADATA: model.exit_metadata() if isinstance(model, EarlyExitMixin) else None,
+            EXIT_METADATA: exits_of(model).exit_metadata() if exits_of(model) is not None else None,
             "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
             "lr_schedulers": {g: optim.scheduler_state(s) for g, s in self.lr_schedulers.items()},
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -358,6 +359,6 @@ class RunnerFree(RunnerBase):
 def _load_model_state(model: torch.nn.Module, checkpoint: dict, source: str) -> None:
     """A runner checkpoint's model state onto ``model``; with exits, their layers, layout, LM depth
     and backbone are checked against the checkpoint's record first (they all fit the key check)."""
-    if isinstance(model, EarlyExitMixin):
-        model.check_exit_state(checkpoint["model"], source, checkpoint.get(EXIT_METADATA))
+    if exits_of(model) is not None:
+        exits_of(model).check_exit_state(checkpoint["model"], source, checkpoint.get(EXIT_METADATA))
     load_trainable_state(model, checkpoint["model"], source)

@@ -22,10 +22,11 @@ from lavis_free.tasks.caption_metrics import DEFAULT_SCORERS, caption_metrics, c
 from lavis_free.tasks.common import collect_eval_files, generation_kwargs, record_metrics
 from lavis_free.tasks.exit_eval import ExitEvalTaskMixin
 from lavis_free.tasks.exit_training import ExitTrainingMixin
+from lavis_free.tasks.model_building import AttachExitsMixin
 
 
 @registry.register_task("free_captioning")
-class FreeCaptionTask(ExitEvalTaskMixin, ExitTrainingMixin, CaptionTask):
+class FreeCaptionTask(AttachExitsMixin, ExitEvalTaskMixin, ExitTrainingMixin, CaptionTask):
     def __init__(self, num_beams: int, max_len: int, min_len: int, evaluate: bool, report_metric: bool = True,
                  scorers: Sequence[str] = DEFAULT_SCORERS, generate_kwargs: Optional[Dict[str, Any]] = None):
         super().__init__(num_beams, max_len, min_len, evaluate, report_metric=report_metric)

@@ -11,7 +11,7 @@ reports them; L = the LM's depth, h = one head application in decoder-layer unit
     i.e. what full-depth decoding computes over what the early-exit decoding computed, exit
     transformers and head applications included;
   - wall-clock speedup (with `run.compare_full_depth: true`): every batch is also decoded at full
-    depth (`exit_threshold=2.0`), both timed with `time.perf_counter`; the ratio of the summed
+    depth (`early_exit=False`), both timed with `time.perf_counter`; the ratio of the summed
     times. Tokens/s of each decoding are reported too (tokens and seconds summed over ranks, so
     the figure is per process).
 """
@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 import torch
 import torch.distributed as dist
 
-FULL_DEPTH_THRESHOLD = 2.0  # any threshold above 1 disables exits
+from lavis_free.hosts import AttachedExits
 
 
 @dataclass
@@ -124,9 +124,8 @@ class ExitTally:
 
 
 def _supports_exit_stats(decode: Callable[..., Any]) -> bool:
-    from lavis_free.models.early_exit_model import EarlyExitMixin
-
-    return isinstance(getattr(decode, "__self__", None), EarlyExitMixin)
+    """Decoding through attached exits (`model.generate` after `attach_exits`) reports stats."""
+    return isinstance(getattr(decode, "__self__", None), AttachedExits)
 
 
 class ExitEvaluator:
@@ -162,7 +161,7 @@ class ExitEvaluator:
         return outputs
 
     def _full_depth(self, decode: Callable[..., Any], args: Tuple, kwargs: Dict[str, Any]) -> None:
-        _, stats, seconds = _timed(decode, args, {**kwargs, "exit_threshold": FULL_DEPTH_THRESHOLD})
+        _, stats, seconds = _timed(decode, args, {**kwargs, "early_exit": False})
         self.tally.add_full_depth(stats, seconds)
 
     def summary(self) -> Dict[str, Any]:

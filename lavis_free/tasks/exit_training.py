@@ -1,7 +1,9 @@
 """FREE exit training inside LAVIS tasks: the alternating discriminator / generator loop.
 
 A task gains it by listing `ExitTrainingMixin` first among its bases: when the model has exits
-(`model.early_exits is not None`) its `train_epoch` runs this loop, otherwise LAVIS's own.
+attached (`exits_of(model).early_exits is not None`) its `train_epoch` runs this loop, otherwise
+LAVIS's own. The loop talks to the model only through its `AttachedExits` ("host" below), so any
+LAVIS model with a host binding trains the same way.
 
 One iteration, for the `free` layout:
   1. the frozen backbone's outputs for the batch: no autograd, optionally read from the on-disk
@@ -38,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lavis_free.common.dist import collective_device
 from lavis_free.exits.early_exits import BackboneOutputs
 from lavis_free.exits.feature_cache import CACHE_DTYPES, FeatureCache, backbone_fingerprint, image_digests, sample_keys
+from lavis_free.hosts import AttachedExits, exits_of
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +58,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def has_exits(model: nn.Module) -> bool:
     """True for a model whose exits are being trained (LAVIS's own loop is used otherwise)."""
-    return getattr(unwrap(model), "early_exits", None) is not None
+    host = exits_of(model)
+    return host is not None and host.early_exits is not None
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,7 @@ def _autocast(scaler: Optional[torch.amp.GradScaler]) -> contextlib.AbstractCont
 
 
 def discriminator_step(
-    host: nn.Module,
+    host: AttachedExits,
     outputs: Any,
     backbone: BackboneOutputs,
     optimizer: torch.optim.Optimizer,
@@ -186,7 +190,7 @@ def discriminator_step(
 
 
 def generator_step(
-    host: nn.Module,
+    host: AttachedExits,
     outputs: Any,
     backbone: BackboneOutputs,
     optimizer: torch.optim.Optimizer,
@@ -197,13 +201,13 @@ def generator_step(
     """One update of the exits: token loss (+ adversarial loss through frozen discriminators)."""
     exits = host.early_exits
     with frozen(list(exits.discriminators.parameters())), _autocast(scaler):
-        loss, logs = exits.generator_loss(host.exit_adapter, outputs, backbone)
+        loss, logs = exits.generator_loss(host.adapter, outputs, backbone)
     params = [p for p in exits.exits.parameters() if p.requires_grad]
     return _update(loss, logs, optimizer, params, scaler, GENERATOR, epoch, iteration)
 
 
 def train_step(
-    host: nn.Module,
+    host: AttachedExits,
     backbone: BackboneOutputs,
     optimizers: Mapping[str, torch.optim.Optimizer],
     epoch: int,
@@ -212,19 +216,16 @@ def train_step(
 ) -> Dict[str, float]:
     """Exit features once, `disc_steps` discriminator steps (with discriminators), one generator step."""
     with _autocast(scaler):
-        outputs = host.early_exits.exit_outputs(host.exit_adapter, backbone)
+        outputs = host.early_exits.exit_outputs(host.adapter, backbone)
     stats: Dict[str, float] = {}
     if DISCRIMINATOR in optimizers:
-        for _ in range(host.exit_config.loss.disc_steps):
+        for _ in range(host.config.loss.disc_steps):
             stats.update(discriminator_step(host, outputs, backbone, optimizers[DISCRIMINATOR], epoch, iteration, scaler))
     stats.update(generator_step(host, outputs, backbone, optimizers[GENERATOR], epoch, iteration, scaler))
     return stats
 
 
 # ---- what the LM is trained on ------------------------------------------------------------
-
-PROMPT_KEY = "exit_prompt"  # per-sample prefix of text_input that is input only (not scored)
-
 
 def _with_prompt(template: str, text: str) -> str:
     return (template.format(text) if template else text).strip()
@@ -247,8 +248,9 @@ def _best_answers(samples: Mapping[str, Any]) -> List[str]:
 
 
 def answer_lm_samples(samples: Dict[str, Any], prompt: str) -> Dict[str, Any]:
-    """Batches with answers (dialogue: `text_output`; VQA: `answer`) become `prompt(question)
-    answer` with the prompt part unscored; caption batches are returned as they are."""
+    """Batches with answers (dialogue: `text_output`; VQA: `answer`) become `text_input` =
+    prompt(question), unscored, and `text_output` = the answer, scored (the host binding's
+    convention, `HostBinding.training_batch`); caption batches are returned as they are."""
     if "text_output" in samples:
         answers = list(samples["text_output"])
     elif "answer" in samples and "n_answers" in samples:
@@ -256,30 +258,7 @@ def answer_lm_samples(samples: Dict[str, Any], prompt: str) -> Dict[str, Any]:
     else:
         return samples
     prompts = [_with_prompt(prompt, q) for q in samples["text_input"]]
-    return {**samples, "text_input": [_join(p, a) for p, a in zip(prompts, answers)], PROMPT_KEY: prompts}
-
-
-def mask_prompt_labels(host: nn.Module, outputs: BackboneOutputs, samples: Mapping[str, Any]) -> BackboneOutputs:
-    """Labels of the `exit_prompt` tokens set to -100, so exits are scored on answers only.
-
-    Each row's text starts at its first labelled column (image queries and padding are -100);
-    its prompt is a prefix of the text, counted with the tokenizer's start token (the answer
-    follows a space, so no BPE merge crosses the boundary). The task's prompt replaces the
-    model's, so `model.prompt` must be empty here."""
-    if PROMPT_KEY not in samples:
-        return outputs
-    if getattr(host, "prompt", ""):
-        raise ValueError(
-            f"model.prompt={host.prompt!r}: answer batches are wrapped in the task's run.prompt; "
-            f"set model.prompt to '' for VQA/dialogue exit training"
-        )
-    labels = outputs.labels
-    cols = torch.arange(labels.shape[1], device=labels.device)
-    first_text_col = torch.where(labels != -100, cols[None], labels.shape[1]).min(dim=1).values
-    prompt_lengths = host.tokenize(samples[PROMPT_KEY], labels.device, "right").attention_mask.sum(dim=1)
-    is_prompt = (cols[None] >= first_text_col[:, None]) & (cols[None] < (first_text_col + prompt_lengths)[:, None])
-    outputs.labels = labels.masked_fill(is_prompt, -100)
-    return outputs
+    return {**samples, "text_input": prompts, "text_output": answers}
 
 
 class PseudoLabels:
@@ -294,13 +273,15 @@ class PseudoLabels:
         self.min_len = min_len
         self.texts: Dict[Tuple[Any, str], str] = {}
 
-    def relabel(self, host: nn.Module, samples: Dict[str, Any]) -> Dict[str, Any]:
+    def relabel(self, host: AttachedExits, samples: Dict[str, Any]) -> Dict[str, Any]:
         ids = image_digests(samples["image"])
-        prompts = list(samples.get(PROMPT_KEY, [getattr(host, "prompt", "").strip()] * len(ids)))
+        answers = "text_output" in samples
+        model_prompt = getattr(host.model, "prompt", "").strip()
+        prompts = list(samples["text_input"]) if answers else [model_prompt] * len(ids)
         keys = list(zip(ids, prompts))
         rows = [row for row, key in enumerate(keys) if key not in self.texts and key not in keys[:row]]
         if rows:
-            generated = host.generate_from_prompts(
+            generated = host.generate_texts(
                 samples["image"][rows],
                 [prompts[r] for r in rows],
                 num_beams=1,
@@ -309,8 +290,10 @@ class PseudoLabels:
                 early_exit=False,
             )
             self.texts.update((keys[r], text) for r, text in zip(rows, generated))
-        texts = [_join(prompt, self.texts[key]) for prompt, key in zip(prompts, keys)]
-        return {**samples, "text_input": texts}
+        texts = [self.texts[key] for key in keys]
+        if answers:
+            return {**samples, "text_output": texts}
+        return {**samples, "text_input": [_join(prompt, text) for prompt, text in zip(prompts, texts)]}
 
 
 class ExitTrainer:
@@ -321,39 +304,39 @@ class ExitTrainer:
         self.pseudo = PseudoLabels(settings.pseudo_max_len, settings.pseudo_min_len)
         self._cache: Optional[FeatureCache] = None
 
-    def feature_cache(self, host: nn.Module) -> Optional[FeatureCache]:
+    def feature_cache(self, host: AttachedExits) -> Optional[FeatureCache]:
         if self.settings.feature_cache is None:
             return None
         if self._cache is None:
             fingerprint = {
-                "model": type(host).__name__,
-                "backbone": backbone_fingerprint(host),
-                "exit_layers": list(host.exit_config.layers),
-                "max_txt_len": getattr(host, "max_txt_len", None),
-                "prompt": getattr(host, "prompt", None),
+                "model": type(host.model).__name__,
+                "backbone": backbone_fingerprint(host.model),
+                "exit_layers": list(host.config.layers),
+                "labels": "aligned",  # LMBatch's convention (entries of older caches are shifted)
+                **host.binding.settings(host.model),
             }
             self._cache = FeatureCache(self.settings.feature_cache, self.settings.feature_cache_dtype, fingerprint)
             logger.info("exit feature cache: %s", self._cache.root)
         return self._cache
 
-    def lm_samples(self, host: nn.Module, samples: Dict[str, Any], task_samples: Callable[[Dict[str, Any]], Dict[str, Any]]) -> Dict[str, Any]:
+    def lm_samples(self, host: AttachedExits, samples: Dict[str, Any], task_samples: Callable[[Dict[str, Any]], Dict[str, Any]]) -> Dict[str, Any]:
         """The task's LM samples, with the scored text replaced by pseudo labels in `pseudo` mode."""
         samples = task_samples(samples)
-        if host.exit_config.loss.mode == "pseudo":
+        if host.config.loss.mode == "pseudo":
             return self.pseudo.relabel(host, samples)
         return samples
 
-    def backbone_outputs(self, host: nn.Module, samples: Mapping[str, Any]) -> BackboneOutputs:
+    def backbone_outputs(self, host: AttachedExits, samples: Mapping[str, Any]) -> BackboneOutputs:
         """The frozen backbone's outputs: from the feature cache when it holds the whole batch."""
         cache = self.feature_cache(host)
         if cache is None:
-            return mask_prompt_labels(host, host.exit_backbone_outputs(samples), samples)
+            return host.backbone_outputs(samples)
         keys = sample_keys(samples)
-        lm_dtype = next(host.exit_lm().parameters()).dtype
+        lm_dtype = next(host.lm.parameters()).dtype
         cached = cache.load(keys, samples["image"].device, lm_dtype)
         if cached is not None:
             return cached
-        outputs = mask_prompt_labels(host, host.exit_backbone_outputs(samples), samples)
+        outputs = host.backbone_outputs(samples)
         cache.store(keys, outputs)
         return outputs
 
@@ -376,13 +359,13 @@ class ExitTrainer:
                 f"run.accum_grad_iters={accum_grad_iters}: exit training steps both optimizers every "
                 f"iteration; use 1 (raise run.batch_size_train instead)"
             )
-        host = unwrap(model)
+        host = exits_of(model)
         optimizers, schedulers = _by_group(optimizer, lr_scheduler, list(host.optimizer_groups()))
         metric_logger = MetricLogger(delimiter="  ")
         for group in optimizers:
             metric_logger.add_meter(f"lr_{group}", SmoothedValue(window_size=1, fmt="{value:.6f}"))
         iters = len(data_loader)
-        header = f"Train exits ({host.exit_config.layout}, {host.exit_config.loss.mode}): epoch [{epoch}]"
+        header = f"Train exits ({host.config.layout}, {host.config.loss.mode}): epoch [{epoch}]"
         for i in metric_logger.log_every(range(iters), log_freq, header):
             samples = prepare_sample(next(data_loader), cuda_enabled=cuda_enabled)
             samples = self.lm_samples(host, samples, task_samples)

@@ -19,10 +19,11 @@ from lavis_free.tasks.answer_metrics import dialogue_metrics, vqa_metrics
 from lavis_free.tasks.common import collect_eval_files, generation_kwargs, record_metrics
 from lavis_free.tasks.exit_eval import ExitEvalTaskMixin
 from lavis_free.tasks.exit_training import ExitTrainingMixin
+from lavis_free.tasks.model_building import AttachExitsMixin
 
 
 @registry.register_task("free_vqa")
-class FreeVQATask(ExitEvalTaskMixin, ExitTrainingMixin, VQATask):
+class FreeVQATask(AttachExitsMixin, ExitEvalTaskMixin, ExitTrainingMixin, VQATask):
     result_name = "vqa_result"
     metric_fn: Callable[..., Dict[str, float]] = staticmethod(vqa_metrics)
     default_inference_method = "generate"

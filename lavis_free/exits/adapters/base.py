@@ -1,14 +1,17 @@
-"""What the exits core needs from a decoder LM, and nothing more.
+"""What the exits core needs from an LM's decoder, and nothing more.
 
-An adapter exposes one decoder layer as a function of (hidden window, positions, mask, KV store),
-so the same code runs a layer at training time (whole sequence, no cache), at prefill, and
-during early-exit decoding (a window of pending columns against a preallocated cache). Adding
-an LM to lavis-free means writing one adapter.
+An adapter exposes one decoder layer as a function of (hidden window, positions, mask, KV store,
+encoder context), so the same code runs a layer at training time (whole sequence, no cache), at
+prefill, and during early-exit decoding (a window of pending columns against a preallocated
+cache). Decoder-only LMs (OPT) get no encoder context; encoder-decoder LMs (T5) cross-attend to
+the `EncoderContext` the host computed once. Adding an LM family to lavis-free means writing one
+adapter (see README, "Adding an LM family").
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, List, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -18,13 +21,57 @@ from lavis_free.exits.attention import full_sequence_mask
 KVStore = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 
+Rows = Union[slice, torch.Tensor]
+CrossProjection = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class EncoderContext:
+    """The encoder output a decoder layer cross-attends to, for the rows being run.
+
+    Why one object: the engine runs layers on subsets of the batch (rows that have not exited),
+    so the encoder states and mask must follow the same row selection; and cross-attention
+    keys/values depend only on the encoder output, so during decoding each layer computes them
+    once (`memoized`). Training never memoizes: exit layers' projections change every step."""
+
+    states: torch.Tensor  # [B, S, D] encoder output (full batch)
+    mask: torch.Tensor  # [B, S], 1 = real encoder position
+    rows: Optional[Rows] = None  # None = every row
+    memo: Optional[Dict[nn.Module, Tuple[torch.Tensor, torch.Tensor]]] = field(default=None, repr=False)
+
+    def memoized(self) -> "EncoderContext":
+        """A copy that computes each layer's cross-attention keys/values once (decoding)."""
+        return replace(self, memo={})
+
+    def select(self, rows: Rows) -> "EncoderContext":
+        """The context of a subset of the batch (`rows` index the full batch), sharing the memo."""
+        return replace(self, rows=rows)
+
+    def cross_kv(self, layer: nn.Module, project: CrossProjection) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`project(encoder states)` for `layer`, for the selected rows."""
+        rows = slice(None) if self.rows is None else self.rows
+        if self.memo is None:
+            return project(self.states[rows])
+        if layer not in self.memo:
+            self.memo[layer] = project(self.states)
+        keys, values = self.memo[layer]
+        return keys[rows], values[rows]
+
+    def key_mask(self) -> torch.Tensor:
+        """[b, 1, 1, S] bool: which encoder positions the selected rows attend to."""
+        rows = slice(None) if self.rows is None else self.rows
+        return self.mask[rows].bool()[:, None, None, :]
+
+
 def no_cache(keys: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """KV store for a whole-sequence pass: attend to exactly the keys just computed."""
     return keys, values
 
 
 class DecoderAdapter(ABC):
-    """Uniform access to a decoder-only LM's embedding, layers, final norm and head."""
+    """Uniform access to an LM decoder's embedding, layers, final norm and head."""
+
+    is_encoder_decoder = False
 
     def __init__(self, lm: nn.Module):
         self.lm = lm
@@ -44,6 +91,12 @@ class DecoderAdapter(ABC):
     @property
     @abstractmethod
     def num_heads(self) -> int: ...
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads per layer (what the decode cache stores); fewer than `num_heads`
+        under grouped-query attention."""
+        return self.num_heads
 
     @property
     @abstractmethod
@@ -71,9 +124,11 @@ class DecoderAdapter(ABC):
         positions: torch.Tensor,
         attn_mask: torch.Tensor | None,
         kv_store: KVStore,
+        encoder: Optional[EncoderContext] = None,
     ) -> torch.Tensor:
-        """Runs `layer` on hidden [B, Q, D]; `kv_store` receives the new keys/values
-        [B, H, Q, Dh] and returns the keys/values to attend over."""
+        """Runs `layer` on hidden [B, Q, D] at `positions` [B, Q]; `kv_store` receives the new
+        self-attention keys/values [B, H_kv, Q, Dh] and returns the keys/values to attend over
+        (keys at columns 0..K-1); `encoder` is what encoder-decoder layers cross-attend to."""
 
     @abstractmethod
     def kv_projection(
@@ -113,7 +168,12 @@ class DecoderAdapter(ABC):
         layer_params = sum(p.numel() for p in self.layers[0].parameters())
         return head_params / layer_params
 
-    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> List[torch.Tensor]:
+    def hidden_states(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        encoder: Optional[EncoderContext] = None,
+    ) -> List[torch.Tensor]:
         """Teacher-forced pass over whole sequences; returns every decoder layer's output
         (pre final norm), so exits can read layer k's output and the final features."""
         positions = self.positions_from_mask(attention_mask)
@@ -121,6 +181,6 @@ class DecoderAdapter(ABC):
         hidden = self.embed(inputs_embeds, positions)
         outputs = []
         for layer in self.layers:
-            hidden = self.forward_layer(layer, hidden, positions, mask, no_cache)
+            hidden = self.forward_layer(layer, hidden, positions, mask, no_cache, encoder)
             outputs.append(hidden)
         return outputs

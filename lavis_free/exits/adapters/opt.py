@@ -1,13 +1,13 @@
 """Adapter for OPT decoders: LAVIS's `modeling_opt` (with query embeddings) and HF's `OPTForCausalLM`."""
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lavis_free.exits.adapters.base import DecoderAdapter, KVStore
+from lavis_free.exits.adapters.base import DecoderAdapter, EncoderContext, KVStore
 
 
 class OPTAdapter(DecoderAdapter):
@@ -57,7 +57,10 @@ class OPTAdapter(DecoderAdapter):
         positions: torch.Tensor,
         attn_mask: torch.Tensor | None,
         kv_store: KVStore,
+        encoder: Optional[EncoderContext] = None,
     ) -> torch.Tensor:
+        if encoder is not None:
+            raise ValueError("OPT is decoder-only: its layers take no encoder context")
         attn = layer.self_attn
         x = self._attn_input(layer, hidden)
         query = self._split_heads(attn.q_proj(x) * attn.scaling)

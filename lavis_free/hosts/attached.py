@@ -1,0 +1,405 @@
+"""`attach_exits`: FREE exits as a capability added to a built LAVIS model, by composition.
+
+`attach_exits(model, exits)` finds the model's `HostBinding`, freezes the backbone, registers
+the exits as `model.early_exits` (so checkpoints keep the keys `early_exits.*`), and puts an
+`AttachedExits` on the model as `model.free_exits`. The instance's `generate`,
+`predict_answers`, `load_checkpoint` and `load_from_pretrained` then go through it; the class
+(LAVIS's own, or the plugin's) is left untouched, so `type(model).generate(model, ...)` is still
+the host's own LAVIS decoding. Training (`lavis_free.tasks`), the runner, evaluation and benches
+reach the exits through `exits_of(model)`, never through the host's class.
+
+Decoding: greedy settings (`ENGINE_DECODING`) run the early-exit engine, with exits or at full
+depth (`early_exit=False`: the same tokens as the host's LAVIS greedy decoding). Other settings
+(beams, sampling, repetition penalty) run the host's own LAVIS decoding at full depth: asked for
+together with exit options that is an error, with exits on only by the config a warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from lavis.common.dist_utils import download_cached_file
+from lavis.common.utils import is_url
+from torch import nn
+
+from lavis_free.common.safe_load import load_torch_file
+from lavis_free.exits.adapters import DecoderAdapter
+from lavis_free.exits.config import ExitConfig
+from lavis_free.exits.early_exits import BackboneOutputs, EarlyExits
+from lavis_free.exits.engine import DecodeOptions, DecodeResult, EarlyExitDecoder
+from lavis_free.exits.feature_cache import backbone_fingerprint
+from lavis_free.exits.options import ExitOptions
+from lavis_free.hosts.binding import HostBinding, binding_for
+from lavis_free.hosts.inputs import check_images, check_int, samples_entry, text_batch
+from lavis_free.models import weights
+
+EXIT_PREFIX = "early_exits."
+EXIT_METADATA = "exits"  # checkpoint key of `exit_metadata()`
+# What the early-exit engine decodes with (greedy); other values run the host's LAVIS decoding.
+ENGINE_DECODING = {"use_nucleus_sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "num_captions": 1}
+# LAVIS's generate keywords (BLIP-2's defaults), beside the early-exit options of ExitOptions.
+GENERATE_DEFAULTS = dict(use_nucleus_sampling=False, num_beams=5, max_length=30, min_length=1, top_p=0.9,
+                         repetition_penalty=1.0, length_penalty=1.0, num_captions=1, temperature=1)
+PREDICT_ANSWERS_DEFAULTS = dict(num_beams=5, inference_method="generate", max_len=10, min_len=1,
+                                num_ans_candidates=128, answer_list=None, prompt="Question: {} Answer:",
+                                length_penalty=0)
+
+
+# generate's keywords that predict_answers passes on as they are (it maps the others from its own)
+_PASSED_ON = tuple(k for k in GENERATE_DEFAULTS if k not in ("num_beams", "max_length", "min_length", "length_penalty"))
+
+
+class ExitCheckpointError(RuntimeError):
+    """A checkpoint whose exits do not fit this model (layout, layers, or shapes)."""
+
+
+def attach_exits(model: nn.Module, exits: Union[None, Mapping[str, Any], ExitConfig] = None) -> nn.Module:
+    """Adds FREE exits (a `model.exits` mapping or an `ExitConfig`; None = none yet, but the
+    early-exit keywords are accepted) to a built LAVIS model and returns it. With exits, every
+    parameter the model had is frozen. Errors name the supported classes for other models."""
+    if getattr(model, "free_exits", None) is not None:
+        raise ValueError(f"{type(model).__name__} already has exits attached (model.free_exits)")
+    binding = binding_for(model)
+    adapter = binding.adapter(model)
+    config = exits if isinstance(exits, ExitConfig) else ExitConfig.from_dict(exits, adapter.num_layers)
+    if isinstance(exits, ExitConfig):
+        config.validate(adapter.num_layers)
+    model.early_exits = None
+    if config.enabled:
+        for param in model.parameters():
+            param.requires_grad = False
+        model.early_exits = EarlyExits(adapter, config)
+        model.register_buffer("exit_layers", torch.tensor(config.layers, dtype=torch.long), persistent=True)
+    controller = AttachedExits(model, binding, config)
+    model.free_exits = controller
+    for name in ("generate", "predict_answers", "load_checkpoint", "load_from_pretrained", "optimizer_groups"):
+        setattr(model, name, getattr(controller, name))
+    return model
+
+
+def exits_of(model: nn.Module) -> Optional["AttachedExits"]:
+    """The exits attached to `model` (DDP-wrapped or not), or None."""
+    return getattr(getattr(model, "module", model), "free_exits", None)
+
+
+class AttachedExits:
+    """Everything exits add to one host model: training inputs, decoding, stats, checkpoints."""
+
+    def __init__(self, model: nn.Module, binding: HostBinding, config: ExitConfig):
+        self.model = model
+        self.binding = binding
+        self.config = config
+
+    # -- what the core sees -------------------------------------------------------------------
+    @property
+    def early_exits(self) -> Optional[EarlyExits]:
+        return self.model.early_exits
+
+    @property
+    def adapter(self) -> DecoderAdapter:
+        return self.binding.adapter(self.model)
+
+    @property
+    def lm(self) -> nn.Module:
+        return self.binding.lm(self.model)
+
+    def optimizer_groups(self) -> Dict[str, List[nn.Parameter]]:
+        """One optimizer per group (read by the plugin runner): generator + discriminator with
+        exits, else every trainable parameter."""
+        if self.early_exits is not None:
+            return self.early_exits.optimizer_groups()
+        return {"main": [p for p in self.model.parameters() if p.requires_grad]}
+
+    @contextlib.contextmanager
+    def frozen_backbone_eval(self) -> Iterator[None]:
+        """The frozen backbone runs in eval mode (no dropout) even while the exits train."""
+        children = [c for name, c in self.model.named_children() if name != "early_exits"]
+        modes = [c.training for c in children]
+        for child in children:
+            child.eval()
+        try:
+            yield
+        finally:
+            for child, mode in zip(children, modes):
+                child.train(mode)
+
+    def backbone_outputs(self, samples: Mapping[str, Any]) -> BackboneOutputs:
+        """The frozen backbone's hidden states for this batch (no autograd)."""
+        with torch.no_grad(), self.frozen_backbone_eval():
+            batch = self.binding.training_batch(self.model, samples)
+            return self.early_exits.backbone_outputs(self.adapter, batch)
+
+    # -- decoding -------------------------------------------------------------------------------
+    def exit_options(self, **given: Any) -> ExitOptions:
+        """Per-call early-exit options over the config's `exits.inference`; asking for exits on a
+        model without exits is an error (it would otherwise decode at full depth as if exits had
+        been tried)."""
+        options = self.config.inference.override(**given).validate(self.adapter.num_layers)
+        if options.enabled and self.early_exits is None:
+            asked = {k: v for k, v in given.items() if v is not None}
+            raise ValueError(
+                f"{', '.join(f'{k}={v!r}' for k, v in asked.items()) or 'exits.inference'} asks for early exits, "
+                "but this model has none (model.exits.layers is empty); load a model with exits, or pass "
+                "early_exit=False for full depth"
+            )
+        return options
+
+    def decode(self, lm_batch, options: DecodeOptions) -> DecodeResult:
+        """The engine on a prefix built by the binding (the one call every decode goes through)."""
+        return EarlyExitDecoder(self.adapter, self.early_exits).generate(lm_batch, options)
+
+    @torch.no_grad()
+    def generate_texts(
+        self, image: torch.Tensor, prompts: Sequence[str], return_exit_stats: bool = False, **kwargs: Any
+    ) -> Union[List[str], Tuple[List[str], dict]]:
+        """One continuation per prompt: the engine for greedy decoding, the host's LAVIS decoding
+        otherwise. `kwargs` are LAVIS's generate keywords and the early-exit options."""
+        ExitOptions.check_names(kwargs, "generate()", also=tuple(GENERATE_DEFAULTS))
+        decoding = {name: kwargs.pop(name, default) for name, default in GENERATE_DEFAULTS.items()}
+        for name, low in (("num_beams", 1), ("num_captions", 1), ("max_length", 1), ("min_length", 0)):
+            check_int(name, decoding[name], low)
+        if decoding["num_captions"] > decoding["num_beams"] and not decoding["use_nucleus_sampling"]:
+            raise ValueError(
+                f"num_captions={decoding['num_captions']} needs num_beams >= {decoding['num_captions']} (beam search "
+                "returns its best beams) or use_nucleus_sampling=True"
+            )
+        options = self.exit_options(**kwargs)
+        unhonoured = [f"{k}={decoding[k]!r}" for k, v in ENGINE_DECODING.items() if decoding[k] != v]
+        if unhonoured and options.enabled:
+            self._exits_not_honoured(unhonoured, asked=any(v is not None and k != "early_exit" for k, v in kwargs.items()))
+        if unhonoured:
+            generated = self.binding.lavis_generate(self.model, image, prompts, **decoding)
+            texts = self.binding.decode_text(self.model, generated)
+            return (texts, self.full_depth_stats(generated.tolist())) if return_exit_stats else texts
+        ids = self.binding.special_ids(self.model)
+        lm_batch = self.binding.decode_batch(self.model, image, prompts, decoding["max_length"])
+        if decoding["min_length"] > lm_batch.prompt_length + decoding["max_length"]:
+            raise ValueError(
+                f"min_length={decoding['min_length']} can never be reached: it counts {lm_batch.prompt_length} prompt "
+                f"token(s) plus at most max_length={decoding['max_length']} new ones (predict_answers: min_len, max_len)"
+            )
+        result = self.decode(lm_batch, DecodeOptions(
+            max_new_tokens=decoding["max_length"], eos_token_id=ids.eos_token_id, pad_token_id=ids.pad_token_id,
+            min_length=decoding["min_length"], exits=options,
+        ))
+        texts = self.binding.decode_text(self.model, result.tokens)
+        return (texts, self.exit_stats(result)) if return_exit_stats else texts
+
+    def generate(self, samples: Mapping[str, Any], return_exit_stats: bool = False, **kwargs: Any):
+        """Captions for `samples["image"]`: LAVIS's `generate` signature (`GENERATE_DEFAULTS`)
+        plus the early-exit options (`ExitOptions`: early_exit, exit_threshold, kv_policy,
+        confidence, min_exit_layer; None = the config's `exits.inference`). `samples["prompt"]`
+        is one string for the batch or one per image (default: the model's prompt). With
+        `return_exit_stats=True` returns `(captions, stats)`: `stats["exit_layers"][i][t]` is the
+        number of LM decoder layers run for token t of sample i (up to its EOS)."""
+        image = check_images(self.model, samples_entry(samples, "image"))
+        prompts = text_batch(samples.get("prompt", getattr(self.model, "prompt", "")), "prompt", len(image))
+        return self.generate_texts(image, prompts, return_exit_stats=return_exit_stats, **kwargs)
+
+    def predict_answers(self, samples: Mapping[str, Any], **kwargs: Any) -> List[str]:
+        """Open-ended answers (`samples["text_input"]` = the question, or history + question):
+        LAVIS's `predict_answers` arguments (`PREDICT_ANSWERS_DEFAULTS`; `prompt` wraps each text
+        at its "{}", "" uses the text as is; `answer_list` / `num_ans_candidates` are accepted
+        and unused, only `inference_method="generate"` exists) plus generate's options."""
+        ExitOptions.check_names(kwargs, "predict_answers()", also=tuple(PREDICT_ANSWERS_DEFAULTS) + _PASSED_ON + ("return_exit_stats",))
+        own = {name: kwargs.pop(name, default) for name, default in PREDICT_ANSWERS_DEFAULTS.items()}
+        if own["inference_method"] != "generate":
+            raise ValueError(f"inference_method={own['inference_method']!r} is not supported with exits; use 'generate'")
+        prompt = own["prompt"]
+        if not isinstance(prompt, str) or (prompt and prompt.count("{}") != 1):
+            raise ValueError(f"prompt={prompt!r} must be a string with one '{{}}' where the question goes, or ''")
+        image = check_images(self.model, samples_entry(samples, "image"))
+        texts = text_batch(samples_entry(samples, "text_input"), "text_input", len(image))
+        try:
+            prompts = [prompt.format(text) for text in texts] if prompt else texts
+        except (IndexError, KeyError, ValueError) as err:
+            raise ValueError(f"prompt={prompt!r} cannot be filled ({err!r}): other braces must be doubled, {{{{ }}}}") from None
+        return self.generate_texts(image, prompts, num_beams=own["num_beams"], max_length=own["max_len"],
+                                   min_length=own["min_len"], length_penalty=own["length_penalty"], **kwargs)
+
+    def _exits_not_honoured(self, unhonoured: Sequence[str], asked: bool) -> None:
+        rule = (
+            "early exits run on greedy decoding only for now (num_beams=1, use_nucleus_sampling=False, "
+            "repetition_penalty=1.0, num_captions=1)"
+        )
+        settings = ", ".join(unhonoured)
+        if asked:
+            raise ValueError(
+                f"{settings} cannot decode with the early exits asked for: {rule}; drop these settings, "
+                "or pass early_exit=False for full-depth decoding"
+            )
+        if not getattr(self, "_warned_full_depth", False):
+            self._warned_full_depth = True
+            warnings.warn(
+                f"{settings}: decoding at full depth, without the model's early exits: {rule}. Pass those "
+                "for exits, or early_exit=False for full depth without this warning",
+                stacklevel=4,
+            )
+
+    # -- stats ----------------------------------------------------------------------------------
+    def _eos(self) -> int:
+        return self.binding.special_ids(self.model).eos_token_id
+
+    def exit_stats(self, result: DecodeResult) -> Dict[str, Any]:
+        """Per-sample, per-token layer counts up to and including EOS (see README)."""
+        lengths = [_length_to_eos(row, self._eos()) for row in result.tokens.tolist()]
+        return {
+            "exit_layers": [row[:n] for row, n in zip(result.layers_run, lengths)],
+            "exit_blocks_run": [row[:n] for row, n in zip(result.exit_blocks_run, lengths)],
+            "heads_run": [row[:n] for row, n in zip(result.heads_run, lengths)],
+            "num_layers": result.num_layers,
+            "head_cost": result.head_cost,
+        }
+
+    def full_depth_stats(self, sequences: List[List[int]]) -> Dict[str, Any]:
+        """Stats of a decode that ran every layer (beam search, sampling)."""
+        num_layers = self.adapter.num_layers
+        lengths = [_length_to_eos(row, self._eos()) for row in sequences]
+        return {
+            "exit_layers": [[num_layers] * n for n in lengths],
+            "exit_blocks_run": [[0] * n for n in lengths],
+            "heads_run": [[1] * n for n in lengths],
+            "num_layers": num_layers,
+            "head_cost": self.adapter.head_cost_in_layers(),
+        }
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def inference_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Exits only, without discriminators: the tensors of an exported inference checkpoint."""
+        state = {EXIT_PREFIX + k: v for k, v in self.early_exits.inference_state_dict().items()}
+        state["exit_layers"] = self.model.exit_layers
+        return state
+
+    def inference_checkpoint(self) -> Dict[str, Any]:
+        """What an exported exits file holds: `{"model": inference_state_dict(), "exits":
+        exit_metadata()}`, so that loading it can check the layout and the backbone."""
+        return {"model": self.inference_state_dict(), EXIT_METADATA: self.exit_metadata()}
+
+    def exit_metadata(self) -> Optional[Dict[str, Any]]:
+        """What exits depend on, recorded in every checkpoint that holds them (None without
+        exits): the exit layers and layout, the LM depth, and the frozen backbone's fingerprint
+        (the one the feature cache uses), since exits fit only the backbone they were trained on."""
+        if self.early_exits is None:
+            return None
+        return {**self._exit_layout(), "backbone": backbone_fingerprint(self.model, trainable_prefix=EXIT_PREFIX)}
+
+    def load_checkpoint(
+        self, url_or_filename: Union[str, os.PathLike], origin: str = "load_model(checkpoint=)", exits_required: bool = True
+    ) -> Any:
+        """LAVIS's `load_checkpoint` (a URL, or a file holding a state dict or `{"model": ...}`),
+        loaded with `weights_only=True` and checked first; `origin` (the YAML key or argument the
+        path came from) is named in every error. Refused: a file that shares no tensor with the
+        model, a tensor holding NaN or infinity, and, when `exits_required` and the model has
+        exits, a file without exit tensors (it would leave untrained exits deciding at the
+        calibrated threshold)."""
+        path = os.fspath(url_or_filename)
+        if is_url(path):
+            weights.require(weights.checkpoint(path, origin))
+            path = download_cached_file(path, check_hash=False, progress=True)
+        checkpoint = load_torch_file(path, origin)
+        state = checkpoint.get("model", checkpoint)
+        source = f"{path} ({origin})"
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ExitCheckpointError(f"{source} is not a state dict (expected tensors by name, or {{'model': state dict}})")
+        non_finite = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if non_finite is not None:
+            raise ExitCheckpointError(f"{source}: {non_finite} holds NaN or infinite values (saved from a diverged run?)")
+        self.check_exit_state(state, source, checkpoint.get(EXIT_METADATA), exits_required=exits_required)
+        if not set(state) & set(self.model.state_dict()):
+            example = f", e.g. {sorted(state)[:3]}" if state else ""
+            raise ExitCheckpointError(
+                f"{source} holds none of this model's tensors ({len(state)} keys{example}): a checkpoint of another model?"
+            )
+        msg = self.model.load_state_dict(state, strict=False)
+        logging.info("loaded %s (%d tensors; %d model keys not in it)", source, len(state), len(msg.missing_keys))
+        return msg
+
+    def load_from_pretrained(self, url_or_filename: str):
+        """LAVIS's `pretrained` load: Blip2Base's unpickles with a bare `torch.load`; here it is
+        `load_checkpoint` of a backbone file (which need not hold exits)."""
+        return self.load_checkpoint(url_or_filename, origin="model.pretrained", exits_required=False)
+
+    def check_exit_state(
+        self,
+        state: Mapping[str, torch.Tensor],
+        source: str,
+        metadata: Optional[Mapping[str, Any]] = None,
+        exits_required: bool = False,
+    ) -> None:
+        """Raises ExitCheckpointError naming the mismatch between `state`'s exits and ours.
+
+        `metadata` is the checkpoint's `exit_metadata()`; files that predate it are checked by
+        their `exit_layers` buffer when they have one."""
+        exit_keys = {k for k in state if k.startswith(EXIT_PREFIX)}
+        if not exit_keys:
+            if exits_required and self.early_exits is not None:
+                raise ExitCheckpointError(
+                    f"{source} holds no exit tensors (no '{EXIT_PREFIX}*' keys), so it would load nothing onto "
+                    f"model.exits.layers={list(self.config.layers)}; give a file of trained exits "
+                    "(an exported exits file or a runner checkpoint of exit training)"
+                )
+            return
+        if self.early_exits is None:
+            raise ExitCheckpointError(f"{source} holds exits but this model has none (set model.exits.layers)")
+        self._check_exit_layout(state, source, metadata)
+        own = {k: v for k, v in self.model.state_dict().items() if k.startswith(EXIT_PREFIX)}
+        needed = {k for k in own if not k.startswith(EXIT_PREFIX + "discriminators.")}
+        missing = sorted(needed - exit_keys)
+        unexpected = sorted(exit_keys - set(own))
+        if missing or unexpected:
+            raise ExitCheckpointError(
+                f"{source} does not match exit layout {self.config.layout!r} with layers "
+                f"{list(self.config.layers)}: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+            )
+        for key in sorted(exit_keys):
+            if state[key].shape != own[key].shape:
+                raise ExitCheckpointError(
+                    f"{source}: {key} has shape {tuple(state[key].shape)}, this model's is "
+                    f"{tuple(own[key].shape)} (a checkpoint of another architecture)"
+                )
+        saved_backbone = (metadata or {}).get("backbone")
+        if saved_backbone is not None:
+            current = backbone_fingerprint(self.model, trainable_prefix=EXIT_PREFIX)
+            if saved_backbone != current:
+                raise ExitCheckpointError(
+                    f"{source} holds exits trained on another backbone (fingerprint {saved_backbone[:12]}, "
+                    f"this model's {current[:12]}): exits fit only the frozen weights they were trained on; "
+                    "check model.finetuned / model.pretrained"
+                )
+
+    def _exit_layout(self) -> Dict[str, Any]:
+        return {**self.config.layout_signature(), "lm_layers": self.adapter.num_layers}
+
+    def _check_exit_layout(
+        self, state: Mapping[str, torch.Tensor], source: str, metadata: Optional[Mapping[str, Any]]
+    ) -> None:
+        saved = dict(metadata or {})
+        if not saved and "exit_layers" in state:
+            saved = {"layers": state["exit_layers"].tolist()}
+        if not saved:
+            logging.warning(
+                "%s records no exit layers (it predates exit metadata): cannot check that its exits were "
+                "trained after layers %s", source, list(self.config.layers)
+            )
+            return
+        own = self._exit_layout()
+        for key, (what, setting) in _LAYOUT_SETTINGS.items():
+            if key in saved and saved[key] != own[key]:
+                raise ExitCheckpointError(f"{source} has {what} {saved[key]!r}, this model has {setting}={own[key]!r}")
+
+
+# exit_metadata() field -> (what the checkpoint has, the setting it must equal)
+_LAYOUT_SETTINGS = {
+    "layers": ("exits after layers", "model.exits.layers"),
+    "layout": ("exits of layout", "model.exits.layout"),
+    "lm_layers": ("an LM depth (decoder layers) of", "LM decoder layers"),
+}
+
+
+def _length_to_eos(tokens: List[int], eos: int) -> int:
+    return tokens.index(eos) + 1 if eos in tokens else len(tokens)
