@@ -1,20 +1,21 @@
 """Caption latency, throughput, peak memory and quality: LAVIS generate vs the early-exit engine.
 
 Rows (same weights, same images, greedy decoding, timed in one process after a warm-up):
-  lavis_as_shipped  LAVIS 1.0.2 `Blip2OPT.generate(num_beams=1)` with its own OPT class, which
-                    under transformers 4.26 drops the KV cache (every step re-runs the prefix)
-  lavis             the same LAVIS code path with the cache working (our CachedOPTForCausalLM)
+  lavis_as_shipped  LAVIS 1.0.2's own `generate(num_beams=1)` (`Blip2OPT` / `Blip2T5`) on LAVIS's
+                    own class built from the same parts (`as_lavis_model`), whose LM under
+                    transformers 4.26 drops the KV cache (every step re-runs what came before)
+  lavis             the same LAVIS code path with the cache working (the plugin's Cached* LM)
   engine_full       our engine with exits off (early_exit=False)
   engine_<policy>   our engine at the threshold, each KV policy
 Targets (issue 4): engine_<policy> >= 2x faster than `lavis` at batch 1 with <= 1% relative
 CIDEr drop; engine_full within 5% of `lavis`.
 
     python bench/decode_latency.py --data data/shapes --out bench/results
+    python bench/decode_latency.py --model blip2_t5_free --model-type shapes_tiny_t5 --out bench/results/t5
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -31,23 +32,10 @@ from tqdm import tqdm
 
 import lavis_free  # noqa: F401  (registers the plugin before LAVIS is used)
 from lavis.models import load_model_and_preprocess
-from lavis.models.blip2_models.blip2_opt import Blip2OPT
-from lavis.models.blip2_models.modeling_opt import OPTForCausalLM
 
-from lavis_free.tasks.caption_metrics import caption_metrics
 from lavis_free.hosts import exits_of
-
-
-@contextlib.contextmanager
-def lavis_opt_class(model: torch.nn.Module):
-    """Temporarily gives the LM LAVIS 1.0.2's own OPT class (same weights), as shipped."""
-    lm = model.opt_model
-    original = lm.__class__
-    lm.__class__ = OPTForCausalLM
-    try:
-        yield
-    finally:
-        lm.__class__ = original
+from lavis_free.models.lavis_parts import as_lavis_model, lavis_class
+from lavis_free.tasks.caption_metrics import caption_metrics
 
 
 class PeakRSS:
@@ -119,6 +107,7 @@ def run_interleaved(configs: Dict[str, Callable], images: List[torch.Tensor], ba
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="blip2_opt_free", help="blip2_opt_free or blip2_t5_free")
     parser.add_argument("--model-type", default="shapes_tiny")
     parser.add_argument("--data", type=Path, default=Path("data/shapes"))
     parser.add_argument("--split", default="test")
@@ -136,23 +125,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    model, vis, _ = load_model_and_preprocess("blip2_opt_free", args.model_type, is_eval=True, device=device)
+    model, vis, _ = load_model_and_preprocess(args.model, args.model_type, is_eval=True, device=device)
     threshold = args.threshold if args.threshold is not None else exits_of(model).config.inference.exit_threshold
     rows = load_split(args.data, args.split, args.num_samples)
     images = [vis["eval"](Image.open(args.data / r["image"]).convert("RGB")) for r in rows]
     gt_path = args.data / "annotations" / f"caption_{args.split}_gt.json"
     greedy = dict(num_beams=1, max_length=args.max_length)
 
-    def lavis_generate(image):
-        return Blip2OPT.generate(model, {"image": image}, **greedy)
-
-    def lavis_as_shipped(image):
-        with lavis_opt_class(model):
-            return lavis_generate(image)
+    lavis_generate = lavis_class(model).generate  # LAVIS's own, on the plugin's cached LM
+    shipped = as_lavis_model(model).to(device)  # LAVIS's own class and LM class, same weights
 
     configs: Dict[str, Callable] = {
-        "lavis_as_shipped": lavis_as_shipped,
-        "lavis": lavis_generate,
+        "lavis_as_shipped": lambda image: lavis_generate(shipped, {"image": image}, **greedy),
+        "lavis": lambda image: lavis_generate(model, {"image": image}, **greedy),
         "engine_full": lambda image: model.generate({"image": image}, early_exit=False, **greedy),
     }
     for policy in args.policies:
@@ -160,11 +145,12 @@ def main() -> None:
             {"image": image}, exit_threshold=threshold, kv_policy=p, **greedy
         )
 
+    tokenizer = getattr(model, "opt_tokenizer", None) or model.t5_tokenizer
     results = []
     for batch in args.batch_sizes:
         measured = run_interleaved(configs, images, batch, device, args.repeats)
         for name, (seconds, captions, peak) in measured.items():
-            tokens = sum(len(model.opt_tokenizer(c, add_special_tokens=False).input_ids) + 1 for c in captions)
+            tokens = sum(len(tokenizer(c, add_special_tokens=False).input_ids) + 1 for c in captions)
             predictions = [{"image_id": r["image_id"], "caption": c} for r, c in zip(rows, captions)]
             metrics = caption_metrics(predictions, str(gt_path), scorers=("cider",))
             results.append({
@@ -178,7 +164,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "model_type": args.model_type, "threshold": threshold, "num_samples": len(images),
+        "model": args.model, "model_type": args.model_type, "threshold": threshold, "num_samples": len(images),
         "max_length": args.max_length, "device": str(device), "torch_threads": torch.get_num_threads(),
         "cpu": os.cpu_count(), "command": " ".join(sys.argv),
     }

@@ -11,7 +11,9 @@
 #   bash run_scripts/train_exits_shapes.sh OUT_DIR [extra train.py --options, e.g. run.max_epoch=1]
 #
 # `bash run_scripts/train_exits_shapes.sh lavis_free/models/assets/shapes_tiny` rebuilds the
-# shipped exits. Uses $PYTHON, else $VENV/bin/python (VENV defaults to .venv). Training runs on
+# shipped exits. CFG (default projects/free/shapes_caption.yaml) and LAYOUTS (default
+# "free no_adversarial vanilla"; the report needs all three) choose the project and layouts
+# (run_scripts/train_shapes_tiny_t5.sh trains the T5 backbone's exits so). Uses $PYTHON, else $VENV/bin/python (VENV defaults to .venv). Training runs on
 # $TRAIN_THREADS torch threads (default: every core; bench/threads.py measured 2 threads 1.55x
 # faster than 1 on a quiet 2-core machine; use 1 on a machine other jobs are using), the report
 # on $OMP_NUM_THREADS (default 1). The shipped exits were built with TRAIN_THREADS=1; float sums
@@ -47,7 +49,8 @@ REPORT="${REPORT:-output/shapes_exits/report_$STAMP}"
 # reproduced bit for bit.
 CACHE="$(mktemp -d -t lavis_free_exit_features.XXXXXX)"
 trap 'rm -rf "$CACHE"' EXIT
-CFG=projects/free/shapes_caption.yaml
+CFG="${CFG:-projects/free/shapes_caption.yaml}"
+LAYOUTS="${LAYOUTS:-free no_adversarial vanilla}"
 mkdir -p "$OUT" output/shapes_exits
 echo "feature cache (removed at exit): $CACHE"
 
@@ -56,7 +59,7 @@ if [[ ! -f "$DATA/meta.json" ]]; then
     "$PYTHON" -m lavis_free.datasets.shapes --out "$DATA" --seed 0
 fi
 
-for LAYOUT in free no_adversarial vanilla; do
+for LAYOUT in $LAYOUTS; do
     JOB="${LAYOUT}_${STAMP}"
     RUN_DIR="output/shapes_exits/$JOB"
     echo "== 2/4 train $LAYOUT exits: $RUN_DIR (log: $RUN_DIR.log)"
@@ -70,7 +73,7 @@ for LAYOUT in free no_adversarial vanilla; do
 
     LAST="$(ls "$RUN_DIR"/checkpoint_*.pth | sort -t_ -k2 -n | tail -n 1)"
     echo "== 3/4 export $LAST -> $OUT/exits_$LAYOUT.pth"
-    "$PYTHON" - "$CFG" "$LAYOUT" "$LAST" "$OUT/exits_$LAYOUT.pth" <<'EOF'
+    "$PYTHON" - "$CFG" "$LAYOUT" "$LAST" "$OUT/exits_$LAYOUT.pth" "$@" <<'EOF'
 import sys
 from types import SimpleNamespace
 
@@ -81,14 +84,18 @@ from lavis.common.registry import registry
 from lavis_free.common.config import FreeConfig
 from lavis_free.hosts import exits_of
 
-cfg_path, layout, checkpoint, out = sys.argv[1:]
-config = FreeConfig(SimpleNamespace(cfg_path=cfg_path, options=[f"model.exits.layout={layout}", "model.exits_checkpoint="]))
+cfg_path, layout, checkpoint, out = sys.argv[1:5]
+config = FreeConfig(SimpleNamespace(cfg_path=cfg_path, options=[f"model.exits.layout={layout}", "model.exits_checkpoint=", *sys.argv[5:]]))
 model = registry.get_model_class(config.model_cfg.arch).from_config(config.model_cfg)
 model.load_checkpoint(checkpoint, origin="runner checkpoint of exit training")
 torch.save(exits_of(model).inference_checkpoint(), out)
 EOF
 done
 
+if [[ "$LAYOUTS" != "free no_adversarial vanilla" ]]; then
+    echo "== 4/4 exit quality report: skipped (it compares all three layouts; LAYOUTS=$LAYOUTS)"
+    exit 0
+fi
 echo "== 4/4 exit quality report (val): $REPORT"
 "$PYTHON" -m lavis_free.reports.exit_quality --cfg-path "$CFG" --split val --out "$REPORT" \
     --free "$OUT/exits_free.pth" --no-adversarial "$OUT/exits_no_adversarial.pth" --vanilla "$OUT/exits_vanilla.pth" \

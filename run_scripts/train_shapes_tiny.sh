@@ -8,6 +8,9 @@
 #
 #   bash run_scripts/train_shapes_tiny.sh [extra train.py --options, e.g. run.max_epoch=1]
 #
+# The T5 backbone (`shapes_tiny_t5`) is built by the same steps with CFG, MODEL, WEIGHTS and
+# OUTPUT_ROOT set (run_scripts/train_shapes_tiny_t5.sh does it).
+#
 # Uses $PYTHON, else $VENV/bin/python (VENV defaults to .venv, see run_scripts/setup_env.sh).
 # Torch runs on $OMP_NUM_THREADS threads (default 1: the shipped weights were built so, and float
 # sums depend on the thread count; on a quiet 2-core machine OMP_NUM_THREADS=2 trains faster,
@@ -27,9 +30,11 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 DATA="${DATA:-data/shapes}"
 JOB="${JOB:-stage1_$(date +%Y%m%d%H%M%S)}"
-CFG=projects/free/shapes_stage1.yaml
-RUN_DIR="output/shapes_stage1/$JOB"
-WEIGHTS=lavis_free/models/assets/shapes_tiny/blip2_opt_free_shapes_tiny.pth
+CFG="${CFG:-projects/free/shapes_stage1.yaml}"
+MODEL="${MODEL:-blip2_opt_free}"
+OUTPUT_ROOT="${OUTPUT_ROOT:-output/shapes_stage1}"
+RUN_DIR="$OUTPUT_ROOT/$JOB"
+WEIGHTS="${WEIGHTS:-lavis_free/models/assets/shapes_tiny/blip2_opt_free_shapes_tiny.pth}"
 # LAVIS picks a model's default YAML from the project file's model_type, before --options apply,
 # so the exported weights are evaluated by pointing the tiny type at them (same architecture).
 SHIPPED_OPTIONS=(model.load_finetuned=True "model.finetuned=$WEIGHTS")
@@ -38,15 +43,15 @@ echo "== 1/4 data: $DATA"
 "$PYTHON" -m lavis_free.datasets.shapes --out "$DATA" --seed 0
 
 echo "== 2/4 stage-1 training: $RUN_DIR (log: $RUN_DIR.log)"
-mkdir -p output/shapes_stage1
+mkdir -p "$OUTPUT_ROOT" "$(dirname "$WEIGHTS")"
 t0=$(date +%s)
 "$PYTHON" train.py --cfg-path "$CFG" --job-id "$JOB" \
-    --options "datasets.shapes_caption.build_info.storage=$DATA" "$@" > "$RUN_DIR.log" 2>&1 \
+    --options "datasets.shapes_caption.build_info.storage=$DATA" "run.output_dir=$OUTPUT_ROOT" "$@" > "$RUN_DIR.log" 2>&1 \
     || { tail -n 30 "$RUN_DIR.log" >&2; exit 1; }
 train_s=$(( $(date +%s) - t0 ))
 
 echo "== 3/4 export: $WEIGHTS"
-"$PYTHON" -m lavis_free.models.export --checkpoint "$RUN_DIR/checkpoint_best.pth" --out "$WEIGHTS"
+"$PYTHON" -m lavis_free.models.export --checkpoint "$RUN_DIR/checkpoint_best.pth" --out "$WEIGHTS" --model "$MODEL"
 
 echo "== 4/4 test split: shipped shapes_tiny and the most-frequent-caption baseline"
 "$PYTHON" evaluate.py --cfg-path "$CFG" --job-id "${JOB}_shipped" \
@@ -61,6 +66,6 @@ test = [json.loads(line)["test"] for line in open(shipped) if '"test"' in line][
 base = json.load(open(baseline))
 print(f"stage-1 training: {int(train_s)} s (train.py, incl. validation), outputs in {run_dir}")
 print(f"shipped weights: {weights} ({os.path.getsize(weights) / 2**20:.2f} MiB)")
-print(f"test CIDEr: shapes_tiny {test['CIDEr']:.3f} vs most-frequent-caption baseline "
+print(f"test CIDEr: shipped backbone {test['CIDEr']:.3f} vs most-frequent-caption baseline "
       f"{base['CIDEr']:.3f} ({base['caption']!r})")
 EOF

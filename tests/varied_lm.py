@@ -203,3 +203,27 @@ def teacher_forced(model: Blip2OPTFree, query_embeds: torch.Tensor, ids: torch.T
         else:
             exit_logits.append(module.head(module.norm(exit_input)))
     return TeacherForced(hidden, out.logits, exit_logits, keys, values)
+
+
+@torch.no_grad()
+def forced_on(model: Blip2OPTFree, image: torch.Tensor, prompts: Sequence[str], tokens: torch.Tensor):
+    """Teacher-forced pass over [queries, padded prompts, generated tokens but the last]; returns
+    (TeacherForced, prefix): the token generated at step t is predicted at column prefix + t - 1."""
+    _, mask, ids, query_embeds = lm_inputs(model, image, prompts)
+    full_ids = torch.cat([ids, tokens[:, :-1]], 1)
+    full_mask = torch.cat([mask, torch.ones(tokens.shape[0], tokens.shape[1] - 1, dtype=mask.dtype)], 1)
+    return teacher_forced(model, query_embeds, full_ids, full_mask), mask.shape[1]
+
+
+def decode_text(model: Blip2OPTFree, ids: Sequence[int]) -> str:
+    return model.opt_tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def slot_layers(model: Blip2OPTFree) -> list:
+    return list(model.opt_model.model.decoder.layers) + [m.layer for m in model.early_exits.exits]
+
+
+def self_kv(layer: torch.nn.Module, hidden: torch.Tensor):
+    """The self-attention keys/values [H, Dh] `layer` computes from its input `hidden` [D]."""
+    x = layer.self_attn_layer_norm(hidden)
+    return layer.self_attn.k_proj(x).view(HEADS, HIDDEN // HEADS), layer.self_attn.v_proj(x).view(HEADS, HIDDEN // HEADS)

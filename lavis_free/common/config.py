@@ -97,6 +97,12 @@ def known_model_keys(arch: str) -> frozenset[str]:
     for klass in model_cls.__mro__:
         if klass.__module__.split(".")[0] in ("lavis", "lavis_free"):
             keys |= keys_read(inspect.getsource(klass), {"cfg"})
+    from lavis_free.hosts import supported_hosts
+    from lavis_free.tasks import model_building
+
+    if any(klass.__name__ in supported_hosts() for klass in model_cls.__mro__):
+        # a LAVIS class the plugin's tasks attach exits to (`model.exits`, `model.exits_checkpoint`)
+        keys |= keys_read(inspect.getsource(model_building), {"model_cfg"})
     return frozenset(keys)
 
 

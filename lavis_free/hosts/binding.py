@@ -10,7 +10,7 @@ A `HostBinding` is the explicit contract between a LAVIS model (the "host": `Bli
     depth for the settings the engine does not run (`lavis_generate`).
 One binding per host class, registered with `register_host`; `binding_for(model)` finds it by
 class name along the model's MRO, so a subclass of a LAVIS class (the plugin's models, a user's)
-is served by its parent's binding unless it registers its own. README: "Adding a host model".
+is served by its parent's binding unless it registers its own. README: "Adding a host model or an LM family".
 """
 from __future__ import annotations
 

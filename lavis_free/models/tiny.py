@@ -14,11 +14,13 @@ from typing import Any, Mapping, Tuple
 import torch.nn as nn
 from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 from lavis.models.blip2_models.modeling_opt import OPTConfig
+from lavis.models.blip2_models.modeling_t5 import T5Config
 from lavis.models.eva_vit import VisionTransformer, convert_weights_to_fp16
-from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizer
+from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizer, T5TokenizerFast
 
 from lavis_free.models.opt_lm import CachedOPTForCausalLM
-from lavis_free.models.tokenizers import bert_tiny_vocab_path, opt_tiny_tokenizer_path
+from lavis_free.models.t5_lm import CachedT5ForConditionalGeneration
+from lavis_free.models.tokenizers import bert_tiny_vocab_path, opt_tiny_tokenizer_path, t5_tiny_tokenizer_path
 
 # Every key is required so that the YAML alone shows the architecture.
 VISION_KEYS = ("patch_size", "width", "depth", "num_heads", "mlp_ratio")
@@ -45,6 +47,16 @@ OPT_OPTIONAL_KEYS = (
 )
 # Taken from the shipped tokenizer, so a YAML cannot contradict it.
 OPT_TOKENIZER_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+T5_REQUIRED_KEYS = ("d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads")
+T5_OPTIONAL_KEYS = (
+    "dropout_rate",
+    "feed_forward_proj",
+    "tie_word_embeddings",
+    "relative_attention_num_buckets",
+    "relative_attention_max_distance",
+)
+T5_FEED_FORWARD = ("relu", "gelu", "gated-relu", "gated-gelu")
+T5_TOKENIZER_KEYS = ("vocab_size", "pad_token_id", "eos_token_id", "decoder_start_token_id")
 
 
 def check_section(
@@ -140,6 +152,48 @@ def build_opt(opt_config: Mapping[str, Any], tokenizer: PreTrainedTokenizer) -> 
         **cfg,
     )
     return CachedOPTForCausalLM(config)
+
+
+def build_t5(t5_config: Mapping[str, Any], tokenizer: PreTrainedTokenizer) -> CachedT5ForConditionalGeneration:
+    """LAVIS's T5 LM (what Blip2T5 uses, cache-fixed) from an inline config, in float32.
+
+    `num_layers` counts encoder blocks, `num_decoder_layers` decoder blocks (where exits sit).
+    Vocabulary size, pad (= decoder start, as in T5) and eos ids come from `tokenizer`. T5Config's
+    own defaults apply to the optional keys: `feed_forward_proj: relu` and tied embeddings (a
+    default T5); FlanT5 is `gated-gelu` and untied.
+    """
+    reserved = sorted(set(t5_config or {}) & set(T5_TOKENIZER_KEYS))
+    if reserved:
+        raise ValueError(f"model.t5_config: {reserved} are taken from the shipped tokenizer; remove them")
+    cfg = check_section("t5_config", t5_config, T5_REQUIRED_KEYS, T5_OPTIONAL_KEYS)
+    for key, value in cfg.items():
+        if key == "feed_forward_proj":
+            ok, expected = value in T5_FEED_FORWARD, f"one of {', '.join(T5_FEED_FORWARD)}"
+        elif key == "tie_word_embeddings":
+            ok, expected = isinstance(value, bool), "true or false"
+        elif key == "dropout_rate":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+            expected = "a number in [0, 1)"
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            expected = "a positive integer"
+        if not ok:
+            raise ValueError(f"model.t5_config.{key}={value!r} is invalid: expected {expected}")
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        **cfg,
+    )
+    if config.feed_forward_proj == "gated-gelu":
+        config.dense_act_fn = "gelu"  # Blip2T5 overrides FlanT5's gelu_new with exact GELU
+    return CachedT5ForConditionalGeneration(config).float()
+
+
+def load_t5_tokenizer() -> T5TokenizerFast:
+    """The shipped T5-style (Unigram) tokenizer of the tiny T5, loaded as LAVIS's Blip2T5 loads one."""
+    return T5TokenizerFast.from_pretrained(t5_tiny_tokenizer_path())
 
 
 def load_bert_tokenizer() -> BertTokenizer:

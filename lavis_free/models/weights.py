@@ -150,24 +150,35 @@ def vision_weights(vit_model: str) -> Needed:
     return Needed(f"the {vit_model} vision weights", VIT_URLS[vit_model])
 
 
-def opt_lm(opt_model: str) -> Needed:
-    """The OPT LM and its tokenizer (`model.opt_model`: a hub id or a local directory); a value
+def hub_lm(key: str, name: str, what: str, tokenizer_files: Tuple[str, ...]) -> Needed:
+    """An LM and its tokenizer named by `model.<key>` (a hub id or a local directory); a value
     that is neither (a mistyped path) is a config error, whatever the network."""
-    if not os.path.isdir(opt_model):
+    if not os.path.isdir(name):
         try:
-            validate_repo_id(opt_model)
+            validate_repo_id(name)
         except HFValidationError as err:
             raise ValueError(
-                f"model.opt_model={opt_model!r} is neither a local directory nor a Hugging Face "
-                f"repo id ({err})"
+                f"model.{key}={name!r} is neither a local directory nor a Hugging Face repo id ({err})"
             ) from None
     return hub_model(
-        f"the OPT LM and its tokenizer ({opt_model})",
-        opt_model,
-        ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"),
-        how=", or set model.opt_model to a local directory holding them (model YAML or "
-        "--options model.opt_model=DIR)",
+        f"{what} ({name})",
+        name,
+        tokenizer_files,
+        how=f", or set model.{key} to a local directory holding them (model YAML or --options model.{key}=DIR)",
     )
+
+
+def opt_lm(opt_model: str) -> Needed:
+    """The OPT LM and its tokenizer (`model.opt_model`)."""
+    return hub_lm("opt_model", opt_model, "the OPT LM and its tokenizer",
+                  ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"))
+
+
+def t5_lm(t5_model: str) -> Needed:
+    """The FlanT5 LM and its tokenizer (`model.t5_model`; T5TokenizerFast reads tokenizer.json).
+    Sharded weights are checked by their index file, not shard by shard."""
+    return hub_lm("t5_model", t5_model, "the FlanT5 LM and its tokenizer",
+                  ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))
 
 
 def checkpoint(url: str, origin: str) -> Needed:

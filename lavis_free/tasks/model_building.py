@@ -16,7 +16,7 @@ from torch import nn
 
 from lavis_free.common.safe_load import forced_weights_only
 from lavis_free.hosts import attach_exits, exits_of
-from lavis_free.models.blip2_opt_free import resolve_checkpoint
+from lavis_free.models.blip2_components import resolve_checkpoint
 
 
 class AttachExitsMixin:

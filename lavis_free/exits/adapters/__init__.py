@@ -5,12 +5,13 @@ from torch import nn
 
 from lavis_free.exits.adapters.base import DecoderAdapter
 from lavis_free.exits.adapters.opt import OPTAdapter
+from lavis_free.exits.adapters.t5 import T5Adapter
 
-_ADAPTERS = {"OPTForCausalLM": OPTAdapter}
+_ADAPTERS = {"OPTForCausalLM": OPTAdapter, "T5ForConditionalGeneration": T5Adapter}
 
 
 def adapter_for(lm: nn.Module) -> DecoderAdapter:
-    """The adapter for a causal LM (matched by class name along its MRO, so LAVIS's and HF's
+    """The adapter for an LM (matched by class name along its MRO, so LAVIS's and HF's
     copies and their subclasses all match); errors list the supported classes."""
     for cls in type(lm).__mro__:
         if cls.__name__ in _ADAPTERS:
@@ -20,4 +21,4 @@ def adapter_for(lm: nn.Module) -> DecoderAdapter:
     )
 
 
-__all__ = ["DecoderAdapter", "OPTAdapter", "adapter_for"]
+__all__ = ["DecoderAdapter", "OPTAdapter", "T5Adapter", "adapter_for"]

@@ -45,6 +45,8 @@ class EncoderContext:
 
     def select(self, rows: Rows) -> "EncoderContext":
         """The context of a subset of the batch (`rows` index the full batch), sharing the memo."""
+        if self.rows is not None:
+            raise ValueError("select rows from the whole batch's EncoderContext, not from a selection of it")
         return replace(self, rows=rows)
 
     def cross_kv(self, layer: nn.Module, project: CrossProjection) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +129,11 @@ class DecoderAdapter(ABC):
         encoder: Optional[EncoderContext] = None,
     ) -> torch.Tensor:
         """Runs `layer` on hidden [B, Q, D] at `positions` [B, Q]; `kv_store` receives the new
-        self-attention keys/values [B, H_kv, Q, Dh] and returns the keys/values to attend over
-        (keys at columns 0..K-1); `encoder` is what encoder-decoder layers cross-attend to."""
+        self-attention keys/values [B, H_kv, Q, Dh] and returns the keys/values to attend over:
+        keys at columns 0..K-1, the Q queries being the last Q of those columns (a window always
+        ends at the newest column). `encoder` is what encoder-decoder layers cross-attend to.
+        Dropout is the LM's own, where the LM applies it: only layers in training mode (exits
+        while they train; the frozen backbone stays in eval mode) drop anything."""
 
     @abstractmethod
     def kv_projection(

@@ -11,7 +11,8 @@ from lavis_free.exits.adapters.base import DecoderAdapter, EncoderContext, KVSto
 
 
 class OPTAdapter(DecoderAdapter):
-    """OPT layer math (pre- or post-LN, learned positions offset by 2, optional project_in/out)."""
+    """OPT layer math (pre- or post-LN, learned positions offset by 2, optional project_in/out),
+    with OPT's dropout where OPT applies it (so only layers in training mode, the exits, drop)."""
 
     def __init__(self, lm: nn.Module):
         super().__init__(lm)
@@ -65,13 +66,14 @@ class OPTAdapter(DecoderAdapter):
         x = self._attn_input(layer, hidden)
         query = self._split_heads(attn.q_proj(x) * attn.scaling)
         keys, values = kv_store(self._split_heads(attn.k_proj(x)), self._split_heads(attn.v_proj(x)))
-        context = F.scaled_dot_product_attention(query, keys, values, attn_mask=attn_mask, scale=1.0)
+        attn_dropout = attn.dropout if attn.training else 0.0
+        context = F.scaled_dot_product_attention(query, keys, values, attn_mask=attn_mask, dropout_p=attn_dropout, scale=1.0)
         context = context.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[1], -1)
-        hidden = hidden + attn.out_proj(context)
+        hidden = hidden + F.dropout(attn.out_proj(context), p=layer.dropout, training=layer.training)
         if not layer.do_layer_norm_before:
             hidden = layer.self_attn_layer_norm(hidden)
         x = layer.final_layer_norm(hidden) if layer.do_layer_norm_before else hidden
-        hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(x)))
+        hidden = hidden + F.dropout(layer.fc2(layer.activation_fn(layer.fc1(x))), p=layer.dropout, training=layer.training)
         if not layer.do_layer_norm_before:
             hidden = layer.final_layer_norm(hidden)
         return hidden

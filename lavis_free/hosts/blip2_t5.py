@@ -1,0 +1,94 @@
+"""Host binding of LAVIS's BLIP-2 FlanT5 (`Blip2T5`, and so `blip2_t5_free`): encoder-decoder.
+
+The image queries and the prompt go to the T5 *encoder* ([queries, prompt tokens </s>, pads]:
+right-padded, as Blip2T5 tokenizes); the encoder runs once per batch and its output is the
+`EncoderContext` every decoder layer and every exit cross-attends to. The decoder starts from
+T5's start token (pad, id 0); exits sit on decoder layers. Training follows `Blip2T5.forward`:
+encoder text = `text_input`, decoder target = `text_output` (ending in </s>), decoder inputs =
+the target shifted right, so labels are aligned as they are. Captioning batches (no
+`text_output`) put the model's prompt in the encoder and the caption in the decoder.
+`min_length` counts the start token, as Hugging Face's does for encoder-decoders.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Mapping, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from lavis_free.exits.adapters.base import EncoderContext
+from lavis_free.exits.lm_batch import IGNORE_INDEX, LMBatch
+from lavis_free.hosts.binding import HostBinding, SpecialIds, register_host
+from lavis_free.hosts.blip2 import image_queries, training_texts
+
+
+@register_host
+class Blip2T5Binding(HostBinding):
+    host_class = "Blip2T5"
+
+    def lm(self, model: nn.Module) -> nn.Module:
+        return model.t5_model
+
+    def special_ids(self, model: nn.Module) -> SpecialIds:
+        config = model.t5_model.config
+        return SpecialIds(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+
+    def _encoder_inputs(self, model: nn.Module, image: torch.Tensor, texts: Sequence[str], truncate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """[queries, tokens] embeddings and mask of the T5 encoder (Blip2T5's tokenization:
+        right padding; truncated to `max_txt_len` for training only, as LAVIS does)."""
+        queries, atts = image_queries(model, image, model.t5_proj)
+        limits = dict(truncation=True, max_length=model.max_txt_len) if truncate else {}
+        tokens = model.t5_tokenizer(list(texts), padding="longest", return_tensors="pt", **limits).to(image.device)
+        token_embeds = model.t5_model.encoder.embed_tokens(tokens.input_ids)
+        return (torch.cat([queries.to(token_embeds.dtype), token_embeds], dim=1),
+                torch.cat([atts, tokens.attention_mask], dim=1))
+
+    def _encode(self, model: nn.Module, image: torch.Tensor, texts: Sequence[str], truncate: bool) -> EncoderContext:
+        inputs_embeds, mask = self._encoder_inputs(model, image, texts, truncate)
+        with model.maybe_autocast(dtype=torch.bfloat16):
+            states = model.t5_model.encoder(inputs_embeds=inputs_embeds, attention_mask=mask, return_dict=True).last_hidden_state
+        return EncoderContext(states, mask)
+
+    def _start_embeds(self, model: nn.Module, batch: int, device: torch.device) -> torch.Tensor:
+        start = torch.full((batch, 1), model.t5_model.config.decoder_start_token_id, dtype=torch.long, device=device)
+        return model.t5_model.decoder.embed_tokens(start)
+
+    def training_batch(self, model: nn.Module, samples: Mapping[str, Any]) -> LMBatch:
+        image, prompts, targets = training_texts(model, samples)
+        if not any(prompts):
+            prompts = [model.prompt] * len(targets)
+        encoder = self._encode(model, image, prompts, truncate=True)
+        tokens = model.t5_tokenizer(targets, padding="longest", truncation=True, max_length=model.max_txt_len,
+                                    return_tensors="pt").to(image.device)
+        labels = tokens.input_ids.masked_fill(tokens.attention_mask == 0, IGNORE_INDEX)
+        decoder_ids = model.t5_model._shift_right(labels)
+        inputs_embeds = model.t5_model.decoder.embed_tokens(decoder_ids)
+        return LMBatch(inputs_embeds, tokens.attention_mask, labels=labels, encoder=encoder)
+
+    def decode_batch(self, model: nn.Module, image: torch.Tensor, prompts: Sequence[str], max_new_tokens: int) -> LMBatch:
+        encoder = self._encode(model, image, prompts, truncate=False)
+        inputs_embeds = self._start_embeds(model, len(prompts), image.device)
+        mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=image.device)
+        return LMBatch(inputs_embeds, mask, encoder=encoder, prompt_length=1)
+
+    def decode_text(self, model: nn.Module, tokens: torch.Tensor) -> List[str]:
+        return model.t5_tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    def lavis_generate(self, model: nn.Module, image: torch.Tensor, prompts: Sequence[str], **decoding: Any) -> torch.Tensor:
+        """Blip2T5.generate's call of its T5 (per-row prompts); ids after the start token."""
+        inputs_embeds, mask = self._encoder_inputs(model, image, prompts, truncate=False)
+        with model.maybe_autocast(dtype=torch.bfloat16):
+            outputs = model.t5_model.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=mask,
+                do_sample=decoding["use_nucleus_sampling"],
+                top_p=decoding["top_p"],
+                temperature=decoding["temperature"],
+                num_beams=decoding["num_beams"],
+                max_new_tokens=decoding["max_length"],
+                min_length=decoding["min_length"],
+                repetition_penalty=decoding["repetition_penalty"],
+                length_penalty=decoding["length_penalty"],
+                num_return_sequences=decoding["num_captions"],
+            )
+        return outputs[:, 1:]
