@@ -56,6 +56,8 @@ QUERY_SCALE = 1.0  # weight scale of opt_proj (image queries vs token embeddings
 EXIT_SCALE = 1.0  # weight scale of the exit transformers' attention output and MLP output
 # Prompts of different token lengths (with the BOS the tokenizer adds): 1, 2, 4 and 6 tokens.
 PROMPTS = ["", "a", "a photo of", "two red circles on the"]
+HOSTS = ("plugin", "lavis")  # Blip2OPT is in salesforce-lavis 1.0.2
+GENERATE_KWARGS = {}  # the host's generate defaults are greedy-compatible once num_beams=1
 
 
 def build_model(layout: str = "free", exit_layers: Optional[Sequence[int]] = None, seed: Optional[int] = None) -> Blip2OPTFree:

@@ -36,6 +36,8 @@ QUERY_SCALE = 1.0
 EXIT_SCALE = 1.0
 BIAS_SCALE = 1.0  # std of block 0's relative position bias table
 PROMPTS = ["", "a", "a photo of", "two red circles on the"]
+HOSTS = ("plugin", "lavis")  # Blip2T5 is in salesforce-lavis 1.0.2
+GENERATE_KWARGS = {}  # the host's generate defaults are greedy-compatible once num_beams=1
 
 
 def build_model(layout: str = "free", exit_layers: Optional[Sequence[int]] = None, seed: Optional[int] = None) -> Blip2T5Free:
@@ -135,12 +137,8 @@ def lavis_greedy(model: Blip2T5Free, image: torch.Tensor, prompt, max_length: in
 
 
 @torch.no_grad()
-def forced_on(model: Blip2T5Free, image: torch.Tensor, prompts: Sequence[str], tokens: torch.Tensor):
-    """LAVIS's T5 forward over [start, generated tokens but the last] with the encoder input
-    built as Blip2T5 builds it, and each exit's own T5Block forward on its layer's output, fed
-    block 0's position bias as T5's stack passes it. Returns (TeacherForced, prefix=1): the
-    token generated at step t is predicted at decoder column t."""
-    lm = model.t5_model
+def blip2_encoder_inputs(model, image: torch.Tensor, prompts: Sequence[str]):
+    """Blip2T5's encoder input, built here from LAVIS's modules: [queries, prompt tokens], mask."""
     with model.maybe_autocast():
         image_embeds = model.ln_vision(model.visual_encoder(image))
     atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
@@ -149,7 +147,17 @@ def forced_on(model: Blip2T5Free, image: torch.Tensor, prompts: Sequence[str], t
     inputs_t5 = model.t5_proj(query.last_hidden_state)
     prompt_tokens = model.t5_tokenizer(list(prompts), padding="longest", return_tensors="pt")
     encoder_mask = torch.cat([torch.ones(inputs_t5.shape[:2], dtype=torch.long), prompt_tokens.attention_mask], 1)
-    encoder_embeds = torch.cat([inputs_t5, lm.encoder.embed_tokens(prompt_tokens.input_ids)], 1)
+    return torch.cat([inputs_t5, model.t5_model.encoder.embed_tokens(prompt_tokens.input_ids)], 1), encoder_mask
+
+
+@torch.no_grad()
+def forced_on(model, image: torch.Tensor, prompts: Sequence[str], tokens: torch.Tensor, encoder_inputs=blip2_encoder_inputs):
+    """LAVIS's T5 forward over [start, generated tokens but the last] with the encoder input
+    built as Blip2T5 builds it, and each exit's own T5Block forward on its layer's output, fed
+    block 0's position bias as T5's stack passes it. Returns (TeacherForced, prefix=1): the
+    token generated at step t is predicted at decoder column t."""
+    lm = model.t5_model
+    encoder_embeds, encoder_mask = encoder_inputs(model, image, prompts)
     decoder_ids = torch.cat([torch.full((tokens.shape[0], 1), PAD), tokens[:, :-1]], 1)
     out = lm(inputs_embeds=encoder_embeds, attention_mask=encoder_mask, decoder_input_ids=decoder_ids,
              output_hidden_states=True, use_cache=True, return_dict=True)

@@ -41,16 +41,8 @@ EXIT_PREFIX = "early_exits."
 EXIT_METADATA = "exits"  # checkpoint key of `exit_metadata()`
 # What the early-exit engine decodes with (greedy); other values run the host's LAVIS decoding.
 ENGINE_DECODING = {"use_nucleus_sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "num_captions": 1}
-# LAVIS's generate keywords (BLIP-2's defaults), beside the early-exit options of ExitOptions.
-GENERATE_DEFAULTS = dict(use_nucleus_sampling=False, num_beams=5, max_length=30, min_length=1, top_p=0.9,
-                         repetition_penalty=1.0, length_penalty=1.0, num_captions=1, temperature=1)
-PREDICT_ANSWERS_DEFAULTS = dict(num_beams=5, inference_method="generate", max_len=10, min_len=1,
-                                num_ans_candidates=128, answer_list=None, prompt="Question: {} Answer:",
-                                length_penalty=0)
-
-
-# generate's keywords that predict_answers passes on as they are (it maps the others from its own)
-_PASSED_ON = tuple(k for k in GENERATE_DEFAULTS if k not in ("num_beams", "max_length", "min_length", "length_penalty"))
+# generate's keywords that predict_answers maps from its own (max_len -> max_length, ...)
+_MAPPED = ("num_beams", "max_length", "min_length", "length_penalty")
 
 
 class ExitCheckpointError(RuntimeError):
@@ -158,8 +150,9 @@ class AttachedExits:
     ) -> Union[List[str], Tuple[List[str], dict]]:
         """One continuation per prompt: the engine for greedy decoding, the host's LAVIS decoding
         otherwise. `kwargs` are LAVIS's generate keywords and the early-exit options."""
-        ExitOptions.check_names(kwargs, "generate()", also=tuple(GENERATE_DEFAULTS))
-        decoding = {name: kwargs.pop(name, default) for name, default in GENERATE_DEFAULTS.items()}
+        defaults = self.binding.generate_defaults
+        ExitOptions.check_names(kwargs, "generate()", also=tuple(defaults))
+        decoding = {name: kwargs.pop(name, default) for name, default in defaults.items()}
         for name, low in (("num_beams", 1), ("num_captions", 1), ("max_length", 1), ("min_length", 0)):
             check_int(name, decoding[name], low)
         if decoding["num_captions"] > decoding["num_beams"] and not decoding["use_nucleus_sampling"]:
@@ -190,8 +183,8 @@ class AttachedExits:
         return (texts, self.exit_stats(result)) if return_exit_stats else texts
 
     def generate(self, samples: Mapping[str, Any], return_exit_stats: bool = False, **kwargs: Any):
-        """Captions for `samples["image"]`: LAVIS's `generate` signature (`GENERATE_DEFAULTS`)
-        plus the early-exit options (`ExitOptions`: early_exit, exit_threshold, kv_policy,
+        """Captions for `samples["image"]`: the host's LAVIS `generate` signature and defaults
+        (`binding.generate_defaults`) plus the early-exit options (`ExitOptions`: early_exit, exit_threshold, kv_policy,
         confidence, min_exit_layer; None = the config's `exits.inference`). `samples["prompt"]`
         is one string for the batch or one per image (default: the model's prompt). With
         `return_exit_stats=True` returns `(captions, stats)`: `stats["exit_layers"][i][t]` is the
@@ -202,11 +195,13 @@ class AttachedExits:
 
     def predict_answers(self, samples: Mapping[str, Any], **kwargs: Any) -> List[str]:
         """Open-ended answers (`samples["text_input"]` = the question, or history + question):
-        LAVIS's `predict_answers` arguments (`PREDICT_ANSWERS_DEFAULTS`; `prompt` wraps each text
+        the host's LAVIS `predict_answers` arguments (`binding.answer_defaults`; `prompt` wraps each text
         at its "{}", "" uses the text as is; `answer_list` / `num_ans_candidates` are accepted
         and unused, only `inference_method="generate"` exists) plus generate's options."""
-        ExitOptions.check_names(kwargs, "predict_answers()", also=tuple(PREDICT_ANSWERS_DEFAULTS) + _PASSED_ON + ("return_exit_stats",))
-        own = {name: kwargs.pop(name, default) for name, default in PREDICT_ANSWERS_DEFAULTS.items()}
+        own_defaults = self.binding.answer_defaults
+        passed_on = tuple(k for k in self.binding.generate_defaults if k not in _MAPPED)
+        ExitOptions.check_names(kwargs, "predict_answers()", also=tuple(own_defaults) + passed_on + ("return_exit_stats",))
+        own = {name: kwargs.pop(name, default) for name, default in own_defaults.items()}
         if own["inference_method"] != "generate":
             raise ValueError(f"inference_method={own['inference_method']!r} is not supported with exits; use 'generate'")
         prompt = own["prompt"]

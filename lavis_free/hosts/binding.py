@@ -37,6 +37,15 @@ class HostBinding(ABC):
     """How the exits core reaches one LAVIS model class (see the module docstring)."""
 
     host_class: str  # the LAVIS class name this binding serves (matched along the MRO)
+    # The host's own `generate` / `predict_answers` defaults (LAVIS's signatures); BLIP-2's here.
+    generate_defaults: Mapping[str, Any] = dict(
+        use_nucleus_sampling=False, num_beams=5, max_length=30, min_length=1, top_p=0.9,
+        repetition_penalty=1.0, length_penalty=1.0, num_captions=1, temperature=1,
+    )
+    answer_defaults: Mapping[str, Any] = dict(
+        num_beams=5, inference_method="generate", max_len=10, min_len=1, num_ans_candidates=128,
+        answer_list=None, prompt="Question: {} Answer:", length_penalty=0,
+    )
 
     @abstractmethod
     def lm(self, model: nn.Module) -> nn.Module:
@@ -83,10 +92,15 @@ def register_host(binding_cls: Type[HostBinding]) -> Type[HostBinding]:
 
 
 def binding_for(model: nn.Module) -> HostBinding:
-    """The binding of `model`'s class or its nearest registered base; errors name the supported ones."""
+    """The binding of `model`'s class or its nearest registered base; errors name the supported ones.
+
+    A class may say which LAVIS class it stands for (`lavis_host_class`): the plugin's
+    InstructBLIP models re-implement LAVIS main's `Blip2T5Instruct` / `Blip2VicunaInstruct` on
+    1.0.2 and share their bindings (and attribute names) with them."""
     for cls in type(model).__mro__:
-        if cls.__name__ in _BINDINGS:
-            return _BINDINGS[cls.__name__]
+        name = cls.__dict__.get("lavis_host_class", cls.__name__)
+        if name in _BINDINGS:
+            return _BINDINGS[name]
     raise NotImplementedError(
         f"lavis_free cannot attach exits to a {type(model).__name__}: supported LAVIS model classes "
         f"(and their subclasses) are {', '.join(sorted(_BINDINGS))}; to add one, see {HOST_DOC}"

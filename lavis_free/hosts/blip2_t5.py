@@ -25,6 +25,7 @@ from lavis_free.hosts.blip2 import image_queries, training_texts
 @register_host
 class Blip2T5Binding(HostBinding):
     host_class = "Blip2T5"
+    answer_defaults = {**HostBinding.answer_defaults, "prompt": "", "length_penalty": -1}  # Blip2T5.predict_answers'
 
     def lm(self, model: nn.Module) -> nn.Module:
         return model.t5_model
@@ -36,12 +37,21 @@ class Blip2T5Binding(HostBinding):
     def _encoder_inputs(self, model: nn.Module, image: torch.Tensor, texts: Sequence[str], truncate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         """[queries, tokens] embeddings and mask of the T5 encoder (Blip2T5's tokenization:
         right padding; truncated to `max_txt_len` for training only, as LAVIS does)."""
-        queries, atts = image_queries(model, image, model.t5_proj)
+        queries, atts = self.queries(model, image, texts)
         limits = dict(truncation=True, max_length=model.max_txt_len) if truncate else {}
         tokens = model.t5_tokenizer(list(texts), padding="longest", return_tensors="pt", **limits).to(image.device)
         token_embeds = model.t5_model.encoder.embed_tokens(tokens.input_ids)
         return (torch.cat([queries.to(token_embeds.dtype), token_embeds], dim=1),
                 torch.cat([atts, tokens.attention_mask], dim=1))
+
+    def queries(self, model: nn.Module, image: torch.Tensor, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The image queries in the T5's space (BLIP-2: the Q-Former reads the image alone)."""
+        return image_queries(model, image, model.t5_proj)
+
+    def target_tokens(self, model: nn.Module, targets: Sequence[str], device: torch.device):
+        """Decoder targets as the host's `forward` tokenizes them (each ends with </s>)."""
+        return model.t5_tokenizer(list(targets), padding="longest", truncation=True, max_length=model.max_txt_len,
+                                  return_tensors="pt").to(device)
 
     def _encode(self, model: nn.Module, image: torch.Tensor, texts: Sequence[str], truncate: bool) -> EncoderContext:
         inputs_embeds, mask = self._encoder_inputs(model, image, texts, truncate)
@@ -58,8 +68,7 @@ class Blip2T5Binding(HostBinding):
         if not any(prompts):
             prompts = [model.prompt] * len(targets)
         encoder = self._encode(model, image, prompts, truncate=True)
-        tokens = model.t5_tokenizer(targets, padding="longest", truncation=True, max_length=model.max_txt_len,
-                                    return_tensors="pt").to(image.device)
+        tokens = self.target_tokens(model, targets, image.device)
         labels = tokens.input_ids.masked_fill(tokens.attention_mask == 0, IGNORE_INDEX)
         decoder_ids = model.t5_model._shift_right(labels)
         inputs_embeds = model.t5_model.decoder.embed_tokens(decoder_ids)

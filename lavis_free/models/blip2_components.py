@@ -101,11 +101,17 @@ class OfflineBlip2:
         cross_attention_freq: int,
         vision: Optional[Mapping[str, Any]],
         qformer: Optional[Mapping[str, Any]],
+        qformer_text_input: bool = False,
     ) -> None:
         """Blip2Base, the Q-Former tokenizer, the vision encoder (frozen as LAVIS freezes it) and
-        the Q-Former without its text branch: the first half of every BLIP-2 `__init__`."""
+        the Q-Former: the first half of every BLIP-2 `__init__`. BLIP-2 drops the Q-Former's text
+        branch; InstructBLIP (`qformer_text_input`) keeps it for the instruction, with its word
+        embeddings sized to the tokenizer and the tokenizer truncating on the left (the end of an
+        instruction is where the question is), as LAVIS main's InstructBLIP does."""
         Blip2Base.__init__(self)
         self.tokenizer = self.init_tokenizer(shipped_vocab=qformer is not None)
+        if qformer_text_input:
+            self.tokenizer.truncation_side = "left"
         self.visual_encoder, self.ln_vision = self.init_vision_encoder(
             vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision, vision=vision
         )
@@ -118,7 +124,11 @@ class OfflineBlip2:
             num_query_token, self.visual_encoder.num_features, cross_attention_freq,
             qformer=qformer, vocab_size=len(self.tokenizer),
         )
-        self._drop_qformer_text_branch()
+        if qformer_text_input:
+            self.Qformer.resize_token_embeddings(len(self.tokenizer))
+            self.Qformer.cls = None
+        else:
+            self._drop_qformer_text_branch()
 
     # ---- component hooks (LAVIS's classmethods, extended with the tiny configurations) ----
 

@@ -1,0 +1,85 @@
+"""`instructblip_free`: InstructBLIP on LAVIS 1.0.2, its types, the instruction-aware Q-Former
+and LAVIS main's defaults. (Its decoding oracles are in tests/test_conformance.py.)"""
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import lavis_free
+from lavis_free.hosts import binding_for
+from lavis_free.models.instructblip_free import InstructBlipFree, InstructBlipT5Free
+
+ARCH_KEYS = ("vit_model", "image_size", "vision", "vit_precision", "num_query_token", "cross_attention_freq",
+             "qformer", "t5_config", "prompt", "max_txt_len", "max_output_txt_len")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return lavis_free.load_model("instructblip_free", "tiny_flant5")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_tiny_flant5_builds_offline_quickly_with_lavis_main_s_attributes():
+    start = time.perf_counter()
+    model = lavis_free.load_model("instructblip_free", "tiny_flant5")
+    assert time.perf_counter() - start < 3.0  # "well under a second" on a quiet core; CI shares two
+    assert isinstance(model, InstructBlipT5Free) and not model.training
+    for name in ("tokenizer", "visual_encoder", "ln_vision", "Qformer", "query_tokens", "t5_tokenizer",
+                 "t5_output_tokenizer", "t5_model", "t5_proj", "max_txt_len", "max_output_txt_len", "prompt"):
+        assert hasattr(model, name), name
+    assert model.tokenizer.truncation_side == "left" and model.t5_tokenizer.truncation_side == "left"
+    assert model.t5_output_tokenizer.truncation_side == "right"
+    assert model.Qformer.bert.embeddings.word_embeddings.num_embeddings == len(model.tokenizer)
+    assert model.Qformer.cls is None and model.Qformer.bert.encoder.layer[0].intermediate is not None
+    assert type(binding_for(model)).__name__ == "InstructBlipT5Binding"
+
+
+def test_real_types_follow_lavis_main(tmp_path):
+    for model_type, lm_key, lm in (("flant5xl", "t5_model", "google/flan-t5-xl"), ("flant5xxl", "t5_model", "google/flan-t5-xxl"),
+                                   ("vicuna7b", "llm_model", "./llm/vicuna-7b"), ("vicuna13b", "llm_model", "./llm/vicuna-13b")):
+        cfg = OmegaConf.load(InstructBlipFree.default_config_path(model_type)).model
+        assert cfg[lm_key] == lm and cfg.num_query_token == 32 and cfg.image_size == 224 and not cfg.load_finetuned
+        assert cfg.pretrained.endswith(f"instruct_blip_{model_type.replace('flant5', 'flan')}_trimmed.pth")
+
+
+def test_unknown_type_and_missing_lm_are_named():
+    with pytest.raises(ValueError, match="tiny_flant5"):
+        lavis_free.load_model("instructblip_free", "flant5-tiny")
+    cfg = OmegaConf.load(InstructBlipFree.default_config_path("tiny_flant5")).model
+    del cfg["t5_config"]
+    with pytest.raises(ValueError, match="needs its LM: model.t5_model / model.t5_config .* model.llm_model / model.llm_config"):
+        InstructBlipFree.from_config(cfg)
+
+
+def test_the_instruction_changes_the_queries_and_the_answer(model, images):
+    binding = binding_for(model)
+    a, _ = binding.queries(model, images, ["A short image description:"] * 3)
+    b, _ = binding.queries(model, images, ["Question: what colour is the circle? Short answer:"] * 3)
+    assert a.shape == b.shape == (3, 8, model.t5_model.config.d_model) and not torch.allclose(a, b)
+    samples = {"image": images, "prompt": ["A short image description:", "Question: how many? Short answer:", "x"]}
+    one_per_row = model.generate(samples, num_beams=1, max_length=6, repetition_penalty=1.0)
+    assert len(one_per_row) == 3 and len(set(one_per_row)) >= 2
+
+
+def test_generate_defaults_are_lavis_main_s_beam_search_with_repetition_penalty(model, images):
+    """LAVIS main's InstructBLIP `generate` defaults to num_beams=5, repetition_penalty=1.5: they
+    run the host's own full-depth decoding; greedy with repetition_penalty=1.0 runs the engine."""
+    defaults = binding_for(model).generate_defaults
+    assert (defaults["num_beams"], defaults["repetition_penalty"], defaults["max_length"]) == (5, 1.5, 256)
+    _, stats = model.generate({"image": images, "prompt": "describe"}, max_length=5, return_exit_stats=True)
+    assert all(set(row) == {12} for row in stats["exit_layers"])
+
+
+def test_forward_scores_the_target_through_the_output_tokenizer(model, images):
+    samples = {"image": images, "text_input": ["describe", "Question: what colour? Short answer:", "x"],
+               "text_output": ["a red circle", "blue", "two green squares"]}
+    batch = binding_for(model).training_batch(model, samples)
+    scored = [model.t5_output_tokenizer.decode(row[row != -100]) for row in batch.labels]
+    assert scored == ["a red circle</s>", "blue</s>", "two green squares</s>"]
+    assert torch.isfinite(model(samples)["loss"])
