@@ -69,6 +69,9 @@ class T5Adapter(DecoderAdapter):
         self._bias_attention = self.layers[0].layer[0].SelfAttention
         if not self._bias_attention.has_relative_attention_bias:
             raise ValueError("T5 decoder block 0 has no relative_attention_bias table")
+        # every layer of one call shape gets the same bias: computed once per (queries, keys)
+        # while the table is frozen (an adapter lives for one decode or one training batch)
+        self._bias_memo: dict = {}
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -104,6 +107,10 @@ class T5Adapter(DecoderAdapter):
         columns (pads included), and with left padding `positions` of the queries (counted
         from the row's first real token) and columns of the keys would disagree by the pads."""
         attn = self._bias_attention
+        memo_key = (num_queries, num_keys, device)
+        frozen = not attn.relative_attention_bias.weight.requires_grad
+        if frozen and memo_key in self._bias_memo:
+            return self._bias_memo[memo_key]
         key_cols = torch.arange(num_keys, device=device)
         query_cols = key_cols[num_keys - num_queries :]
         buckets = attn._relative_position_bucket(
@@ -112,7 +119,10 @@ class T5Adapter(DecoderAdapter):
             num_buckets=attn.relative_attention_num_buckets,
             max_distance=attn.relative_attention_max_distance,
         )
-        return attn.relative_attention_bias(buckets).permute(2, 0, 1)[None]
+        bias = attn.relative_attention_bias(buckets).permute(2, 0, 1)[None]
+        if frozen:
+            self._bias_memo[memo_key] = bias
+        return bias
 
     @staticmethod
     def _attend(
