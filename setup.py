@@ -18,11 +18,16 @@ setup(
     },
     python_requires=">=3.9",
     install_requires=[
-        "salesforce-lavis==1.0.2",
+        # Both supported stacks (README "Install"): salesforce-lavis 1.0.2 with transformers 4.26
+        # (the default, pinned by constraints.txt) and with transformers 4.33.2, what LAVIS's GitHub
+        # main pins (constraints-lavis-main.txt); main's own package metadata says 1.0.1, so a LAVIS
+        # installed from source is kept as it is.
+        "salesforce-lavis>=1.0.1,<1.1",
         "torch>=2.0",
         "torchvision",
-        "transformers>=4.25,<4.27",
+        "transformers>=4.25,<4.34",
         "tokenizers",
+        "packaging",
         "omegaconf",
         "timm==0.4.12",
         "pycocoevalcap",

@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Set up the venv if needed (run_scripts/setup_env.sh), then run the test suite offline.
+# Set up the venv of a stack if needed (run_scripts/setup_env.sh), then run the test suite offline.
 #
-#   bash run_scripts/test.sh                 # whole suite
-#   bash run_scripts/test.sh tests/test_runner.py -x   # extra arguments go to pytest
+#   bash run_scripts/test.sh                                # default stack (.venv), whole suite
+#   bash run_scripts/test.sh tests/test_runner.py -x        # extra arguments go to pytest
+#   STACK=lavis-main bash run_scripts/test.sh               # second stack (.venv-lavis-main)
 #
-# "No tests collected" (pytest exit code 5) counts as a failure.
+# STACK (default | lavis-main) and VENV mean what they mean to setup_env.sh; VENV defaults to the
+# stack's own venv. "No tests collected" (pytest exit code 5) counts as a failure.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export VENV="${VENV:-$REPO/.venv}"
+export STACK="${STACK:-default}"
+case "$STACK" in
+    default) export VENV="${VENV:-$REPO/.venv}" ;;
+    lavis-main) export VENV="${VENV:-$REPO/.venv-lavis-main}" ;;
+    *) echo "test: STACK=$STACK is not a stack: use STACK=default or STACK=lavis-main" >&2; exit 2 ;;
+esac
 cd "$REPO"
 
 bash "$REPO/run_scripts/setup_env.sh"
@@ -18,7 +25,7 @@ set +e
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$VENV/bin/python" -m pytest -q "$@"
 rc=$?
 set -e
-echo "test: pytest finished in $(( $(date +%s) - t0 )) s with exit code $rc"
+echo "test: $STACK stack: pytest finished in $(( $(date +%s) - t0 )) s with exit code $rc"
 if [[ $rc -eq 5 ]]; then
     echo "test: no tests were collected; treating that as a failure" >&2
     exit 1

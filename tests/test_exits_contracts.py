@@ -96,6 +96,7 @@ def _opt(std: float = 0.05, **config):
                     max_position_embeddings=64, pad_token_id=1, bos_token_id=2, eos_token_id=2,
                     tie_word_embeddings=False, **config)
     lm = OPTForCausalLM(cfg).eval()
+    torch.manual_seed(10)  # again: building the model draws differently on transformers 4.26 and 4.33
     with torch.no_grad():  # weights at a scale where every norm and projection moves the argmax
         for name, param in lm.named_parameters():
             if "layer_norm" in name:

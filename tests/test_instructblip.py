@@ -83,3 +83,36 @@ def test_forward_scores_the_target_through_the_output_tokenizer(model, images):
     scored = [model.t5_output_tokenizer.decode(row[row != -100]) for row in batch.labels]
     assert scored == ["a red circle</s>", "blue</s>", "two green squares</s>"]
     assert torch.isfinite(model(samples)["loss"])
+
+
+def test_vicuna_types_name_the_transformers_they_need_on_the_default_stack():
+    from lavis_free.compat.transformers_version import HAS_LLAMA, TransformersVersionError
+
+    if HAS_LLAMA:
+        pytest.skip("this transformers has LLaMA (the second stack): tiny_vicuna builds")
+    for model_type in ("tiny_vicuna", "vicuna7b"):
+        with pytest.raises(TransformersVersionError, match=r"needs transformers >= 4.28 .*STACK=lavis-main"):
+            lavis_free.load_model("instructblip_free", model_type)
+
+
+def test_tiny_vicuna_follows_lavis_main_s_tokenizer_set_up_and_never_generates_pad(images):
+    """bos = eos = unk = </s>, an added [PAD] the LM's embeddings were resized to, left truncation;
+    generation pads prompts on the left, works at batch > 1 and never emits [PAD]."""
+    pytest.importorskip("transformers.models.llama", reason="needs transformers >= 4.28 (the second stack)")
+    from lavis_free.compat.transformers_version import HAS_LLAMA
+
+    if not HAS_LLAMA:
+        pytest.skip("needs transformers >= 4.28 (the second stack)")
+    model = lavis_free.load_model("instructblip_free", "tiny_vicuna")
+    tok = model.llm_tokenizer
+    assert tok.bos_token == tok.eos_token == tok.unk_token == "</s>" and tok.pad_token == "[PAD]"
+    assert model.llm_model.get_input_embeddings().num_embeddings == len(tok) and tok.truncation_side == "left"
+    assert type(binding_for(model)).__name__ == "InstructBlipVicunaBinding"
+    with torch.no_grad():
+        model.llm_model.lm_head.weight[tok.pad_token_id] = 100.0  # [PAD] would win every argmax
+    texts, stats = model.generate({"image": images, "prompt": ["describe", "Question: what colour? Short answer:", "x"]},
+                                  num_beams=1, max_length=6, repetition_penalty=1.0, return_exit_stats=True)
+    assert len(texts) == 3 and all(len(row) == 5 for row in stats["exit_layers"])  # max_length counts HF's start id
+    assert "[PAD]" not in "".join(texts)
+    beams = model.generate({"image": images, "prompt": "describe"}, num_beams=2, max_length=6, early_exit=False)
+    assert len(beams) == 3 and "[PAD]" not in "".join(beams)

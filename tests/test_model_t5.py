@@ -127,3 +127,15 @@ def test_load_model_default_type_and_zoo():
     expected = "shapes_tiny_t5" if (lavis_free.models.blip2_components.PACKAGE_ROOT / OmegaConf.load(
         Blip2T5Free.default_config_path("shapes_tiny_t5")).model.finetuned).is_file() else "tiny"
     assert Blip2T5Free.default_model_type() == expected
+
+
+def test_predict_answers_lemmatizes_as_lavis_s_t5_when_configured(tiny_model, images, monkeypatch):
+    """`apply_lemmatizer: True` (LAVIS's OK-VQA configs): answers go through the host's own
+    `_lemmatize`, with exits as without."""
+    questions = {"image": images, "text_input": ["what?", "how many?", "where"]}
+    plain = tiny_model.predict_answers(questions, num_beams=1, max_len=4)
+    monkeypatch.setattr(tiny_model, "_apply_lemmatizer", True)
+    monkeypatch.setattr(tiny_model, "_lemmatize", lambda answers: [a.upper() + "!" for a in answers], raising=False)
+    assert tiny_model.predict_answers(questions, num_beams=1, max_len=4) == [a.upper() + "!" for a in plain]
+    lemmatized, stats = tiny_model.predict_answers(questions, num_beams=1, max_len=4, return_exit_stats=True)
+    assert lemmatized == [a.upper() + "!" for a in plain] and len(stats["exit_layers"]) == 3

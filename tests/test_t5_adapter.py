@@ -320,15 +320,18 @@ def test_t5_tokenizer_has_t5_layout_and_round_trips():
     assert batch.attention_mask[0].tolist() == [1, 1, 0, 0]
 
 
-def test_t5_tokenizer_rebuild_is_deterministic_and_matches_shipped(tmp_path, capsys, monkeypatch):
-    """The module's CLI rebuilds all three tokenizers (OPT's and BERT's are checked, and slow to
-    train, in test_tokenizers.py: stubbed here), the T5 one byte for byte as shipped."""
+def test_t5_and_llama_tokenizer_rebuilds_are_deterministic_and_match_shipped(tmp_path, capsys, monkeypatch):
+    """The module's CLI rebuilds all four tokenizers (OPT's and BERT's are checked, and slow to
+    train, in test_tokenizers.py: stubbed here), the T5 and LLaMA ones byte for byte as shipped."""
     import lavis_free.models.tokenizers as tokenizers
 
     for name in ("build_opt_tokenizer", "build_bert_vocab"):
         monkeypatch.setattr(tokenizers, name, lambda texts, out_dir, *args: os.makedirs(out_dir))
     tokenizers_main(["--out", str(tmp_path)])
-    assert sorted(os.listdir(tmp_path)) == ["bert_tiny", "opt_tiny", "t5_tiny"]
+    assert sorted(os.listdir(tmp_path)) == ["bert_tiny", "llama_tiny", "opt_tiny", "t5_tiny"]
+    llama = ["tokenizer.model", "tokenizer_config.json"]
+    _, mismatch, errors = filecmp.cmpfiles(tokenizers.llama_tiny_tokenizer_path(), str(tmp_path / "llama_tiny"), llama, shallow=False)
+    assert mismatch == [] and errors == [], (mismatch, errors)
     names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
     match, mismatch, errors = filecmp.cmpfiles(t5_tiny_tokenizer_path(), str(tmp_path / "t5_tiny"), names, shallow=False)
     assert mismatch == [] and errors == [], (mismatch, errors)

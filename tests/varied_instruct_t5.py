@@ -15,9 +15,10 @@ from typing import List, Optional, Sequence
 import torch
 from lavis.models.blip2_models.modeling_t5 import T5ForConditionalGeneration
 from omegaconf import OmegaConf
+from varied_lm import set_qformer
 from varied_t5 import (  # noqa: F401  (the same API)
-    D_KV, ENCODER_LAYERS, EOS, EXIT_LAYERS, FFN, HEADS, HIDDEN, NUM_LAYERS, PAD, PROMPTS, QFORMER_SCALE, QUERY_SCALE,
-    TeacherForced, _normal_, _set_exit, _set_lm, decode_text, forced_on as t5_forced_on, images, self_kv, slot_layers,
+    D_KV, ENCODER_LAYERS, EOS, EXIT_LAYERS, FFN, HEADS, HIDDEN, NUM_LAYERS, PAD, PROMPTS,
+    TeacherForced, _set_exit, _set_lm, decode_text, forced_on as t5_forced_on, images, self_kv, slot_layers,
     trim_at_eos,
 )
 
@@ -29,8 +30,6 @@ GENERATE_KWARGS = {"repetition_penalty": 1.0}  # InstructBLIP's generate default
 
 
 def build_model(layout: str = "free", exit_layers: Optional[Sequence[int]] = None, seed: Optional[int] = None):
-    import math
-
     exit_layers = EXIT_LAYERS if exit_layers is None else exit_layers
     seed = SEED if seed is None else seed
     cfg = OmegaConf.merge(
@@ -47,12 +46,7 @@ def build_model(layout: str = "free", exit_layers: Optional[Sequence[int]] = Non
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         _set_lm(model.t5_model, gen)
-        for layer in model.Qformer.bert.encoder.layer:
-            for attention in (layer.attention, layer.crossattention):
-                for linear in (attention.self.query, attention.self.key, attention.self.value, attention.output.dense):
-                    _normal_(linear.weight, QFORMER_SCALE / math.sqrt(linear.in_features), gen)
-        _normal_(model.Qformer.bert.embeddings.word_embeddings.weight, 1.0, gen)
-        _normal_(model.t5_proj.weight, QUERY_SCALE / math.sqrt(model.t5_proj.in_features), gen)
+        set_qformer(model, model.t5_proj, gen, instruction=True)
         for module in model.early_exits.exits:
             _set_exit(module, model.t5_model, gen)
     return model

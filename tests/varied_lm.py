@@ -42,7 +42,7 @@ from lavis_free.models.blip2_opt_free import Blip2OPTFree
 from lavis_free.hosts import binding_for, exits_of
 from lavis_free.hosts.blip2 import image_queries, tokenize
 
-SEED = 3  # a seed where the properties test_engine_oracles.py asserts hold (checked there)
+SEED = 12  # a seed where the properties the conformance suite asserts hold (the same weights on both stacks)
 NUM_LAYERS, HIDDEN, FFN, HEADS = 6, 64, 128, 4
 EXIT_LAYERS = (1, 3)  # exits after layers 1 and 3: tokens leaving there run 2 and 4 layers
 EOS = 202  # the tiny tokenizer's "\n", the model's eos_token_id (checked in build_model)
@@ -78,17 +78,40 @@ def build_model(layout: str = "free", exit_layers: Optional[Sequence[int]] = Non
     assert model.eos_token_id == EOS and model.opt_model.config.pad_token_id == PAD
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        _redraw_after_vision(model, seed)
         _set_lm(model.opt_model, gen)
-        # Sharp, strong cross-attention, so that each query reads its own patches (a random
-        # Q-Former averages the image away), and queries as strong as token embeddings.
-        for layer in model.Qformer.bert.encoder.layer:
-            cross = layer.crossattention
-            for linear in (cross.self.query, cross.self.key, cross.self.value, cross.output.dense):
-                _normal_(linear.weight, QFORMER_SCALE / math.sqrt(linear.in_features), gen)
-        _normal_(model.opt_proj.weight, QUERY_SCALE / math.sqrt(model.opt_proj.in_features), gen)
+        set_qformer(model, model.opt_proj, gen)
         for module in model.early_exits.exits:
             _set_exit(module, model.opt_model, gen)
     return model
+
+
+def _redraw_after_vision(model: Blip2OPTFree, seed: int) -> None:
+    """Redraws, from `seed`, every random weight built after the vision encoder (Q-Former, query
+    tokens, projection, exits, discriminators) with their own initialisers. Why: transformers
+    4.26 initialises a PreTrainedModel nested in another twice (LAVIS's Q-Former BertModel inside
+    BertLMHeadModel) and 4.33 once (`_is_hf_initialized`), so from the Q-Former on the global RNG
+    stream, and every weight drawn from it, differs between the two supported stacks."""
+    torch.manual_seed(seed)
+    model.Qformer.apply(model.Qformer._init_weights)  # the Q-Former's own (BERT) initialiser, once
+    model.query_tokens.normal_(0.0, model.Qformer.config.initializer_range)  # as LAVIS's init_Qformer
+    for module in [model.opt_proj, *model.early_exits.modules()]:  # built with torch's initialisers
+        if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)):
+            module.reset_parameters()
+
+
+def set_qformer(model, projection: torch.nn.Linear, gen: torch.Generator, instruction: bool = False) -> None:
+    """Sharp, strong cross-attention, so that each query reads its own patches (a random
+    Q-Former averages the image away), and queries as strong as token embeddings; with the
+    `instruction` (InstructBLIP), its self-attention and word embeddings too, so the instruction
+    changes the queries. Every family's tiny host sets its Q-Former so."""
+    for layer in model.Qformer.bert.encoder.layer:
+        for attention in ((layer.attention, layer.crossattention) if instruction else (layer.crossattention,)):
+            for linear in (attention.self.query, attention.self.key, attention.self.value, attention.output.dense):
+                _normal_(linear.weight, QFORMER_SCALE / math.sqrt(linear.in_features), gen)
+    if instruction:
+        _normal_(model.Qformer.bert.embeddings.word_embeddings.weight, 1.0, gen)
+    _normal_(projection.weight, QUERY_SCALE / math.sqrt(projection.in_features), gen)
 
 
 def _normal_(weight: torch.Tensor, std: float, gen: torch.Generator) -> None:
@@ -225,7 +248,8 @@ def slot_layers(model: Blip2OPTFree) -> list:
     return list(model.opt_model.model.decoder.layers) + [m.layer for m in model.early_exits.exits]
 
 
-def self_kv(layer: torch.nn.Module, hidden: torch.Tensor):
-    """The self-attention keys/values [H, Dh] `layer` computes from its input `hidden` [D]."""
+def self_kv(layer: torch.nn.Module, hidden: torch.Tensor, position: int):
+    """The self-attention keys/values [H, Dh] `layer` computes from its input `hidden` [D] (no
+    position enters them in this family)."""
     x = layer.self_attn_layer_norm(hidden)
     return layer.self_attn.k_proj(x).view(HEADS, HIDDEN // HEADS), layer.self_attn.v_proj(x).view(HEADS, HIDDEN // HEADS)

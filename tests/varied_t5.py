@@ -19,7 +19,7 @@ import torch
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 from lavis.models.blip2_models.modeling_t5 import T5ForConditionalGeneration
 from omegaconf import OmegaConf
-from varied_lm import TeacherForced, _normal_, images  # noqa: F401  (same API)
+from varied_lm import TeacherForced, _normal_, images, set_qformer  # noqa: F401  (same API)
 
 from lavis_free.hosts import exits_of
 from lavis_free.models.blip2_t5_free import Blip2T5Free
@@ -31,8 +31,6 @@ EOS, PAD = 1, 0  # T5: </s> ends, <pad> pads and starts the decoder
 SPECIAL = (0, 1, 2)  # <pad>, </s>, <unk>: never generated except EOS
 END_SHARE = 0.15
 VANILLA_NOISE = 0.5
-QFORMER_SCALE = 2.0
-QUERY_SCALE = 1.0
 EXIT_SCALE = 1.0
 BIAS_SCALE = 1.0  # std of block 0's relative position bias table
 PROMPTS = ["", "a", "a photo of", "two red circles on the"]
@@ -58,11 +56,7 @@ def build_model(layout: str = "free", exit_layers: Optional[Sequence[int]] = Non
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         _set_lm(model.t5_model, gen)
-        for layer in model.Qformer.bert.encoder.layer:
-            cross = layer.crossattention
-            for linear in (cross.self.query, cross.self.key, cross.self.value, cross.output.dense):
-                _normal_(linear.weight, QFORMER_SCALE / math.sqrt(linear.in_features), gen)
-        _normal_(model.t5_proj.weight, QUERY_SCALE / math.sqrt(model.t5_proj.in_features), gen)
+        set_qformer(model, model.t5_proj, gen)
         for module in model.early_exits.exits:
             _set_exit(module, model.t5_model, gen)
     return model
@@ -193,7 +187,8 @@ def slot_layers(model: Blip2T5Free) -> list:
     return list(model.t5_model.decoder.block) + [m.layer for m in model.early_exits.exits]
 
 
-def self_kv(layer: torch.nn.Module, hidden: torch.Tensor):
-    """The self-attention keys/values [H, Dh] `layer` computes from its input `hidden` [D]."""
+def self_kv(layer: torch.nn.Module, hidden: torch.Tensor, position: int):
+    """The self-attention keys/values [H, Dh] `layer` computes from its input `hidden` [D] (no
+    position enters them in this family)."""
     attn, x = layer.layer[0].SelfAttention, layer.layer[0].layer_norm(hidden)
     return attn.k(x).view(HEADS, D_KV), attn.v(x).view(HEADS, D_KV)

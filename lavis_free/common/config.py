@@ -88,15 +88,17 @@ def model_config_paths(model_cls: type) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def known_model_keys(arch: str) -> frozenset[str]:
-    """Keys of ``arch``'s default model YAMLs, plus every ``cfg`` key its classes read
-    (``from_config``, ``load_checkpoint_from_config``, ...), plus ``arch`` and ``model_type``."""
+    """Keys of ``arch``'s default model YAMLs, plus every ``cfg`` key the modules of its classes
+    read (``from_config``, ``load_checkpoint_from_config``, their helpers), plus ``arch`` and
+    ``model_type``."""
     model_cls = registry.get_model_class(arch)
     keys = set(_MODEL_SECTION_KEYS)
     for path in model_config_paths(model_cls):
         keys |= set(OmegaConf.load(path).get("model", {}) or {})
     for klass in model_cls.__mro__:
         if klass.__module__.split(".")[0] in ("lavis", "lavis_free"):
-            keys |= keys_read(inspect.getsource(klass), {"cfg"})
+            # the whole module: from_config may read keys through module-level helpers
+            keys |= keys_read(inspect.getsource(inspect.getmodule(klass)), {"cfg"})
     from lavis_free.hosts import supported_hosts
     from lavis_free.tasks import model_building
 

@@ -61,7 +61,10 @@ class LocalDatasetBuilder(BaseDatasetBuilder):
         return paths
 
     def build(self) -> Dict[str, object]:
-        """Datasets for the splits listed under ``build_info.annotations`` (train/val/test)."""
+        """Datasets for the splits listed under ``build_info.annotations`` (train/val/test); a
+        split set to null (``--options datasets.shapes_vqa.build_info.annotations.val=null``, or
+        in a project YAML) is not built: LAVIS's runner allows one eval dataset per split, so a
+        multi-dataset training run keeps the eval splits of one."""
         self.build_processors()
         info = self.config.build_info
         root = self.data_root()
@@ -71,7 +74,7 @@ class LocalDatasetBuilder(BaseDatasetBuilder):
         vis_root = _under(root, str(images.storage) if images is not None and images.get("storage") else ".")
         datasets: Dict[str, object] = {}
         for split, split_info in info.annotations.items():
-            if split not in SPLITS:
+            if split not in SPLITS or split_info is None:
                 continue
             stage = "train" if split == "train" else "eval"
             vis_processor, text_processor = self.vis_processors[stage], self.text_processors[stage]

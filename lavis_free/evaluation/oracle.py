@@ -120,6 +120,7 @@ def teacher_forced_argmax(model: torch.nn.Module, call: DecodeCall, steps: int) 
     def argmax(logits: torch.Tensor) -> torch.Tensor:
         window = logits[:, prefix - 1 :].clone()  # column s predicts token s
         window[:, suppressed, opts.eos_token_id] = -float("inf")  # as the engine's min_length
+        window[..., list(opts.suppressed_ids)] = -float("inf")  # and its never-generated ids
         return window.argmax(-1)
 
     final = argmax(adapter.head(backbone.final_features))

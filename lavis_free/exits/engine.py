@@ -18,7 +18,7 @@ gives the same tokens as Hugging Face `generate(num_beams=1)` on the same weight
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ class DecodeOptions:
     pad_token_id: int
     min_length: int = 0  # Hugging Face semantics: counts the prefix's `prompt_length` + generated tokens
     exits: ExitOptions = FULL_DEPTH
+    suppressed_ids: Tuple[int, ...] = ()  # never generated (e.g. Vicuna's added [PAD]), at every exit too
 
     def validate(self, num_layers: int) -> "DecodeOptions":
         self.exits.validate(num_layers)
@@ -140,10 +141,15 @@ class EarlyExitDecoder:
         confidence = get_confidence(opts.exits.confidence)(logits)
         return (confidence >= opts.exits.exit_threshold).cpu().numpy()
 
-    def _suppress_eos(self, logits: torch.Tensor, step: int, opts: DecodeOptions) -> torch.Tensor:
+    def _constrain(self, logits: torch.Tensor, step: int, opts: DecodeOptions) -> torch.Tensor:
+        """Logits as the rule and the argmax see them, at every exit and at the final head alike:
+        suppressed ids never win, nor EOS before `min_length`."""
+        banned = list(opts.suppressed_ids)
         if self.prompt_length + step < opts.min_length:
+            banned.append(opts.eos_token_id)
+        if banned:
             logits = logits.clone()
-            logits[:, opts.eos_token_id] = -float("inf")
+            logits[:, banned] = -float("inf")
         return logits
 
     # -- public API ---------------------------------------------------------------------------
@@ -199,7 +205,7 @@ class EarlyExitDecoder:
         layers_run = [[] for _ in range(batch)]
         exit_blocks_run = [[] for _ in range(batch)]
         heads_run = [[] for _ in range(batch)]
-        first = self._suppress_eos(adapter.head(features), 0, opts).argmax(-1)
+        first = self._constrain(adapter.head(features), 0, opts).argmax(-1)
         tokens[:, 0] = first
         finished = (first == opts.eos_token_id).cpu().numpy()
         for row in range(batch):
@@ -231,7 +237,7 @@ class EarlyExitDecoder:
                     continue
                 features = self._run_exit(k, going, col)
                 blocks[going] += 1
-                logits = self._suppress_eos(self.exits[k].logits(adapter, features), step, opts)
+                logits = self._constrain(self.exits[k].logits(adapter, features), step, opts)
                 leave = self._decide_exits(logits, opts, k, going, step)
                 if not leave.any():
                     continue
@@ -246,7 +252,7 @@ class EarlyExitDecoder:
                     break
             if len(going):
                 rows_t = cache.rows(going)
-                logits = self._suppress_eos(adapter.logits(cache.states[rows_t, col]), step, opts)
+                logits = self._constrain(adapter.logits(cache.states[rows_t, col]), step, opts)
                 tokens[rows_t, step] = logits.argmax(-1)
                 for row in going:
                     layers_run[row].append(num_layers)

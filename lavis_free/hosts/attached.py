@@ -169,15 +169,16 @@ class AttachedExits:
             texts = self.binding.decode_text(self.model, generated)
             return (texts, self.full_depth_stats(generated.tolist())) if return_exit_stats else texts
         ids = self.binding.special_ids(self.model)
-        lm_batch = self.binding.decode_batch(self.model, image, prompts, decoding["max_length"])
+        new_tokens = self.binding.max_new_tokens(decoding["max_length"])
+        lm_batch = self.binding.decode_batch(self.model, image, prompts, new_tokens)
         if decoding["min_length"] > lm_batch.prompt_length + decoding["max_length"]:
             raise ValueError(
                 f"min_length={decoding['min_length']} can never be reached: it counts {lm_batch.prompt_length} prompt "
                 f"token(s) plus at most max_length={decoding['max_length']} new ones (predict_answers: min_len, max_len)"
             )
         result = self.decode(lm_batch, DecodeOptions(
-            max_new_tokens=decoding["max_length"], eos_token_id=ids.eos_token_id, pad_token_id=ids.pad_token_id,
-            min_length=decoding["min_length"], exits=options,
+            max_new_tokens=new_tokens, eos_token_id=ids.eos_token_id, pad_token_id=ids.pad_token_id,
+            min_length=decoding["min_length"], exits=options, suppressed_ids=self.binding.suppressed_ids(self.model),
         ))
         texts = self.binding.decode_text(self.model, result.tokens)
         return (texts, self.exit_stats(result)) if return_exit_stats else texts
@@ -213,8 +214,12 @@ class AttachedExits:
             prompts = [prompt.format(text) for text in texts] if prompt else texts
         except (IndexError, KeyError, ValueError) as err:
             raise ValueError(f"prompt={prompt!r} cannot be filled ({err!r}): other braces must be doubled, {{{{ }}}}") from None
-        return self.generate_texts(image, prompts, num_beams=own["num_beams"], max_length=own["max_len"],
-                                   min_length=own["min_len"], length_penalty=own["length_penalty"], **kwargs)
+        answers = self.generate_texts(image, prompts, num_beams=own["num_beams"], max_length=own["max_len"],
+                                      min_length=own["min_len"], length_penalty=own["length_penalty"], **kwargs)
+        if getattr(self.model, "_apply_lemmatizer", False):  # LAVIS's T5 hosts (OK-VQA configs): as they do
+            texts = answers[0] if kwargs.get("return_exit_stats") else answers
+            texts[:] = self.model._lemmatize(texts)
+        return answers
 
     def _exits_not_honoured(self, unhonoured: Sequence[str], asked: bool) -> None:
         rule = (

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Type
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -76,6 +76,16 @@ class HostBinding(ABC):
     def lavis_generate(self, model: nn.Module, image: torch.Tensor, prompts: Sequence[str], **decoding: Any) -> torch.Tensor:
         """The host's own full-depth decoding (beam search, sampling, processors) of one
         continuation per prompt, with LAVIS's keyword names; returns generated ids [N, T]."""
+
+    def max_new_tokens(self, max_length: int) -> int:
+        """New tokens the host's `generate(max_length=...)` produces at most (LAVIS's BLIP-2 passes
+        `max_new_tokens=max_length`)."""
+        return max_length
+
+    def suppressed_ids(self, model: nn.Module) -> Tuple[int, ...]:
+        """Ids decoding must never produce (at every exit and the final head), e.g. a padding
+        token a host added to its tokenizer; none by default."""
+        return ()
 
     def settings(self, model: nn.Module) -> Dict[str, Any]:
         """What training inputs depend on besides the weights (the feature cache's manifest)."""

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import BatchEncoding
 
+from lavis_free.compat.transformers_version import GENERATE_EXPANDS_MODEL_INPUTS
 from lavis_free.exits.lm_batch import IGNORE_INDEX, LMBatch, shift_to_aligned
 from lavis_free.hosts.binding import HostBinding, SpecialIds, register_host
 from lavis_free.hosts.inputs import check_images, samples_entry, text_batch, vision_input
@@ -113,14 +114,21 @@ class Blip2OPTBinding(HostBinding):
         sampling = decoding["use_nucleus_sampling"]
         num_beams = 1 if sampling else decoding["num_beams"]
         copies = decoding["num_captions"] if sampling else num_beams
+        if not GENERATE_EXPANDS_MODEL_INPUTS:
+            # transformers < 4.27 repeats only input_ids and the mask for beams / return sequences;
+            # from 4.27 on generate repeats every tensor model input itself (PR #21624), and
+            # repeating query_embeds here too doubles them (LAVIS 1.0.2's bug, LAVIS #154)
+            queries = queries.repeat_interleave(copies, dim=0)
+        # top_p and temperature only act when sampling; passed to greedy or beam search they make
+        # transformers 4.33 warn (LAVIS passes them always, top_p=0.9 by default)
+        sampling_only = {"top_p": decoding["top_p"], "temperature": decoding["temperature"]} if sampling else {}
         with model.maybe_autocast():
             outputs = model.opt_model.generate(
                 input_ids=tokens.input_ids,
-                query_embeds=queries.repeat_interleave(copies, dim=0),
+                query_embeds=queries,
                 attention_mask=torch.cat([atts, tokens.attention_mask], dim=1),
                 do_sample=sampling,
-                top_p=decoding["top_p"],
-                temperature=decoding["temperature"],
+                **sampling_only,
                 num_beams=num_beams,
                 max_new_tokens=decoding["max_length"],
                 min_length=decoding["min_length"],

@@ -86,13 +86,16 @@ class Blip2T5Binding(HostBinding):
     def lavis_generate(self, model: nn.Module, image: torch.Tensor, prompts: Sequence[str], **decoding: Any) -> torch.Tensor:
         """Blip2T5.generate's call of its T5 (per-row prompts); ids after the start token."""
         inputs_embeds, mask = self._encoder_inputs(model, image, prompts, truncate=False)
+        sampling = decoding["use_nucleus_sampling"]
+        # top_p and temperature only act when sampling; passed to greedy or beam search they make
+        # transformers 4.33 warn (LAVIS passes them always, top_p=0.9 by default)
+        sampling_only = {"top_p": decoding["top_p"], "temperature": decoding["temperature"]} if sampling else {}
         with model.maybe_autocast(dtype=torch.bfloat16):
             outputs = model.t5_model.generate(
                 inputs_embeds=inputs_embeds,
                 attention_mask=mask,
-                do_sample=decoding["use_nucleus_sampling"],
-                top_p=decoding["top_p"],
-                temperature=decoding["temperature"],
+                do_sample=sampling,
+                **sampling_only,
                 num_beams=decoding["num_beams"],
                 max_new_tokens=decoding["max_length"],
                 min_length=decoding["min_length"],

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizer, T5To
 
 from lavis_free.models.opt_lm import CachedOPTForCausalLM
 from lavis_free.models.t5_lm import CachedT5ForConditionalGeneration
-from lavis_free.models.tokenizers import bert_tiny_vocab_path, opt_tiny_tokenizer_path, t5_tiny_tokenizer_path
+from lavis_free.models.tokenizers import bert_tiny_vocab_path, llama_tiny_tokenizer_path, opt_tiny_tokenizer_path, t5_tiny_tokenizer_path
 
 # Every key is required so that the YAML alone shows the architecture.
 VISION_KEYS = ("patch_size", "width", "depth", "num_heads", "mlp_ratio")
@@ -194,6 +194,29 @@ def build_t5(t5_config: Mapping[str, Any], tokenizer: PreTrainedTokenizer) -> Ca
 def load_t5_tokenizer() -> T5TokenizerFast:
     """The shipped T5-style (Unigram) tokenizer of the tiny T5, loaded as LAVIS's Blip2T5 loads one."""
     return T5TokenizerFast.from_pretrained(t5_tiny_tokenizer_path())
+
+
+LLAMA_REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "max_position_embeddings")
+LLAMA_OPTIONAL_KEYS = ("rms_norm_eps",)
+
+
+def build_llama(llm_config: Mapping[str, Any], tokenizer: PreTrainedTokenizer) -> nn.Module:
+    """A transformers `LlamaForCausalLM` (Vicuna's architecture) from an inline config, in float32;
+    vocabulary and special ids from `tokenizer` (after LAVIS's [PAD] was added to it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = check_section("llm_config", llm_config, LLAMA_REQUIRED_KEYS, LLAMA_OPTIONAL_KEYS)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **cfg)
+    return LlamaForCausalLM(config).float()
+
+
+def load_llama_tokenizer(**kwargs: Any) -> PreTrainedTokenizer:
+    """The shipped LLaMA-style (SentencePiece) tokenizer, loaded as LAVIS main loads Vicuna's."""
+    from transformers import LlamaTokenizer
+
+    return LlamaTokenizer.from_pretrained(llama_tiny_tokenizer_path(), use_fast=False, **kwargs)
 
 
 def load_bert_tokenizer() -> BertTokenizer:

@@ -2,7 +2,7 @@
 
     python -m lavis_free.models.tokenizers --out lavis_free/models/assets/tokenizers
 
-rebuilds all three, deterministically, from the generator's text (seed 0):
+rebuilds all four, deterministically, from the generator's text (seed 0):
 
 - ``opt_tiny/``: a byte-level BPE trained with the ``tokenizers`` library and saved as the files
   ``transformers.GPT2Tokenizer`` reads, laid out like facebook/opt's tokenizer: ids 0..3 are
@@ -20,6 +20,10 @@ rebuilds all three, deterministically, from the generator's text (seed 0):
   trained: its pieces are the corpus words (``▁word``) and punctuation scored by log frequency,
   then single characters far below them, so every corpus word is one token and any ASCII text
   encodes without ``<unk>``. There is no ``spiece.model``: the slow ``T5Tokenizer`` cannot load it.
+- ``llama_tiny/tokenizer.model``: a SentencePiece BPE model (what LLaMA / Vicuna ship) for
+  ``transformers.LlamaTokenizer`` (what LAVIS main's InstructBLIP Vicuna loads, ``use_fast=False``):
+  ``<unk> <s> </s>`` are ids 0..2, byte fallback; LAVIS adds ``[PAD]`` and makes bos = eos = unk
+  = ``</s>`` itself, as for Vicuna.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ T5_CHAR_PENALTY = 10.0  # single characters score this far below the rarest word
 # the prompt words become whole tokens ("a photo of", the caption prompt, is already frequent).
 VQA_PROMPTS = ("Question: {} Answer:", "Question: {} Short answer:")
 DEFAULT_VOCAB_SIZE = 512
+LLAMA_VOCAB_SIZE = 512  # SentencePiece BPE pieces, bytes (byte fallback) included
 DEFAULT_CORPUS_IMAGES = 3000
 
 
@@ -52,6 +57,11 @@ def opt_tiny_tokenizer_path() -> str:
 def bert_tiny_vocab_path() -> str:
     """The shipped Q-Former WordPiece vocabulary (``BertTokenizer(vocab_file=...)``)."""
     return os.path.join(ASSETS_DIR, "bert_tiny", "vocab.txt")
+
+
+def llama_tiny_tokenizer_path() -> str:
+    """Directory of the shipped LLaMA-style tokenizer (``LlamaTokenizer.from_pretrained``)."""
+    return os.path.join(ASSETS_DIR, "llama_tiny")
 
 
 def t5_tiny_tokenizer_path() -> str:
@@ -150,6 +160,34 @@ def build_t5_tokenizer(texts: Iterable[str], out_dir: str) -> None:
     )
 
 
+def build_llama_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = LLAMA_VOCAB_SIZE) -> None:
+    """Write a ``LlamaTokenizer`` directory: a SentencePiece BPE model trained on the corpus with
+    LLaMA's special-token layout (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, byte fallback so any text
+    encodes), single-threaded so the model file is the same on every run."""
+    import contextlib
+
+    import sentencepiece as spm
+
+    os.makedirs(out_dir, exist_ok=True)
+    # relative paths, inside out_dir: the model file records its trainer's input and prefix
+    with contextlib.chdir(out_dir):
+        with open("corpus.txt", "w", encoding="utf-8") as f:
+            f.write("\n".join(sorted(set(texts))) + "\n")
+        try:
+            spm.SentencePieceTrainer.train(
+                input="corpus.txt", model_prefix="tokenizer", vocab_size=vocab_size, model_type="bpe",
+                character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+                add_dummy_prefix=True, minloglevel=2,
+            )
+        finally:
+            os.remove("corpus.txt")
+        os.remove("tokenizer.vocab")
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": 2048,
+    })
+
+
 def tokenizer_corpus(seed: int = 0, num_images: int = DEFAULT_CORPUS_IMAGES) -> List[str]:
     """Shapes text (captions, questions, answers, dialogue) plus the questions in VQA prompts."""
     from lavis_free.datasets.shapes import corpus_texts
@@ -165,17 +203,18 @@ def build_all(out_dir: str, seed: int = 0, num_images: int = DEFAULT_CORPUS_IMAG
     build_opt_tokenizer(texts, os.path.join(out_dir, "opt_tiny"), vocab_size)
     build_bert_vocab(texts, os.path.join(out_dir, "bert_tiny"))
     build_t5_tokenizer(texts, os.path.join(out_dir, "t5_tiny"))
+    build_llama_tokenizer(texts, os.path.join(out_dir, "llama_tiny"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lavis_free.models.tokenizers", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=ASSETS_DIR, help="directory that gets opt_tiny/, bert_tiny/ and t5_tiny/")
+    parser.add_argument("--out", default=ASSETS_DIR, help="directory that gets opt_tiny/, bert_tiny/, t5_tiny/ and llama_tiny/")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shapes corpus")
     parser.add_argument("--images", type=int, default=DEFAULT_CORPUS_IMAGES, help="corpus size in images")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="BPE vocabulary size (OPT)")
     args = parser.parse_args(argv)
     build_all(args.out, args.seed, args.images, args.vocab_size)
-    written = [os.path.join(args.out, name) for name in ("opt_tiny", "bert_tiny", "t5_tiny")]
+    written = [os.path.join(args.out, name) for name in ("opt_tiny", "bert_tiny", "t5_tiny", "llama_tiny")]
     print(f"wrote {', '.join(written)}")
 
 

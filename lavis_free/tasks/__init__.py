@@ -1,4 +1,4 @@
-"""LAVIS tasks of the plugin: ``free_captioning``, ``free_vqa``, ``free_dialogue``.
+"""LAVIS tasks of the plugin: ``free_captioning``, ``free_vqa``, ``free_dialogue``, ``free_instruct``.
 
 The metric functions (``caption_metrics``, ``vqa_metrics``, ``dialogue_metrics``) work on plain
 prediction lists, without a runner.
@@ -7,3 +7,4 @@ from lavis_free.tasks.answer_metrics import dialogue_metrics, vqa_accuracy, vqa_
 from lavis_free.tasks.caption_metrics import caption_metrics  # noqa: F401
 from lavis_free.tasks.captioning import FreeCaptionTask  # noqa: F401
 from lavis_free.tasks.vqa import FreeDialogueTask, FreeVQATask  # noqa: F401
+from lavis_free.tasks.instruct import FreeInstructTask  # noqa: F401
