@@ -12,6 +12,9 @@ CIDEr drop; engine_full within 5% of `lavis`.
 
     python bench/decode_latency.py --data data/shapes --out bench/results
     python bench/decode_latency.py --model blip2_t5_free --model-type shapes_tiny_t5 --out bench/results/t5
+    python bench/decode_latency.py --model instructblip_free --model-type shapes_tiny_flant5 --out bench/results/flant5
+(for InstructBLIP, which has no LAVIS class in 1.0.2, `lavis` is the host binding's own
+full-depth path, LAVIS main's generate call, and there is no `lavis_as_shipped` row)
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import lavis_free  # noqa: F401  (registers the plugin before LAVIS is used)
 from lavis.models import load_model_and_preprocess
 
 from lavis_free.hosts import exits_of
+from lavis_free.hosts.attached import ENGINE_DECODING
 from lavis_free.models.lavis_parts import as_lavis_model, lavis_class
 from lavis_free.tasks.caption_metrics import caption_metrics
 
@@ -131,21 +135,30 @@ def main() -> None:
     images = [vis["eval"](Image.open(args.data / r["image"]).convert("RGB")) for r in rows]
     gt_path = args.data / "annotations" / f"caption_{args.split}_gt.json"
     greedy = dict(num_beams=1, max_length=args.max_length)
+    host = exits_of(model)
+    # greedy for hosts whose generate defaults are not (InstructBLIP: repetition_penalty 1.5)
+    greedy.update({k: v for k, v in ENGINE_DECODING.items() if k in host.binding.generate_defaults and k not in greedy})
 
-    lavis_generate = lavis_class(model).generate  # LAVIS's own, on the plugin's cached LM
-    shipped = as_lavis_model(model).to(device)  # LAVIS's own class and LM class, same weights
+    configs: Dict[str, Callable] = {}
+    try:
+        lavis_generate = lavis_class(model).generate  # LAVIS's own, on the plugin's cached LM
+        shipped = as_lavis_model(model).to(device)  # LAVIS's own class and LM class, same weights
+        configs["lavis_as_shipped"] = lambda image: lavis_generate(shipped, {"image": image}, **greedy)
+        configs["lavis"] = lambda image: lavis_generate(model, {"image": image}, **greedy)
+    except TypeError:  # no LAVIS class in 1.0.2 (InstructBLIP): the host's own full-depth path
+        def lavis_path(image):
+            prompts = [model.prompt] * len(image)
+            decoding = {**host.binding.generate_defaults, **greedy}
+            return host.binding.decode_text(model, host.binding.lavis_generate(model, image, prompts, **decoding))
 
-    configs: Dict[str, Callable] = {
-        "lavis_as_shipped": lambda image: lavis_generate(shipped, {"image": image}, **greedy),
-        "lavis": lambda image: lavis_generate(model, {"image": image}, **greedy),
-        "engine_full": lambda image: model.generate({"image": image}, early_exit=False, **greedy),
-    }
+        configs["lavis"] = lavis_path
+    configs["engine_full"] = lambda image: model.generate({"image": image}, early_exit=False, **greedy)
     for policy in args.policies:
         configs[f"engine_{policy}"] = lambda image, p=policy: model.generate(
             {"image": image}, exit_threshold=threshold, kv_policy=p, **greedy
         )
 
-    tokenizer = getattr(model, "opt_tokenizer", None) or model.t5_tokenizer
+    tokenizer = getattr(model, "opt_tokenizer", None) or getattr(model, "t5_tokenizer", None) or model.llm_tokenizer
     results = []
     for batch in args.batch_sizes:
         measured = run_interleaved(configs, images, batch, device, args.repeats)

@@ -116,3 +116,34 @@ def test_tiny_vicuna_follows_lavis_main_s_tokenizer_set_up_and_never_generates_p
     assert "[PAD]" not in "".join(texts)
     beams = model.generate({"image": images, "prompt": "describe"}, num_beams=2, max_length=6, early_exit=False)
     assert len(beams) == 3 and "[PAD]" not in "".join(beams)
+
+
+def test_tiny_flant5_and_shapes_tiny_flant5_share_the_architecture_and_the_project_s_exits():
+    tiny = OmegaConf.load(InstructBlipFree.default_config_path("tiny_flant5"))
+    shapes = OmegaConf.load(InstructBlipFree.default_config_path("shapes_tiny_flant5"))
+    for key in ARCH_KEYS:
+        if key != "prompt":  # shapes_tiny_flant5's prompt is the caption instruction it learnt
+            assert tiny.model[key] == shapes.model[key], key
+    assert tiny.preprocess == shapes.preprocess
+    project = OmegaConf.load("projects/free/shapes_instruct_flant5.yaml")
+    for key in ("layers", "init", "layout", "disc_hidden"):
+        assert shapes.model.exits[key] == project.model.exits[key], key
+    assert shapes.model.prompt == project.run.instructions.caption
+
+
+def test_free_instruct_turns_each_batch_kind_into_its_instruction():
+    from lavis_free.tasks.instruct import FreeInstructTask
+
+    task = FreeInstructTask(num_beams=1, max_len=5, min_len=1, evaluate=False,
+                            instructions={"vqa": "Q: {} A:", "dialogue": "D: {} A:"})
+    captions = task.instruction_samples({"image": None, "text_input": ["a red circle", "two squares"]})
+    assert captions["text_input"] == ["A short image description:"] * 2 and captions["text_output"] == ["a red circle", "two squares"]
+    vqa = task.instruction_samples({"text_input": ["what colour?"], "answer": ["red", "blue"],
+                                    "weight": torch.tensor([0.3, 0.7]), "n_answers": torch.tensor([2])})
+    assert vqa["text_input"] == ["Q: what colour? A:"] and vqa["text_output"] == ["blue"]
+    dialogue = task.instruction_samples({"text_input": ["how many? two. what colour?"], "text_output": ["red"]})
+    assert dialogue["text_input"] == ["D: how many? two. what colour? A:"] and dialogue["text_output"] == ["red"]
+    with pytest.raises(ValueError, match=r"run.instructions: unknown kind\(s\) \['caption_'\]"):
+        FreeInstructTask(num_beams=1, max_len=5, min_len=1, evaluate=False, instructions={"caption_": "x"})
+    with pytest.raises(ValueError, match=r"run.instructions.vqa='Q:' needs one '\{\}'"):
+        FreeInstructTask(num_beams=1, max_len=5, min_len=1, evaluate=False, instructions={"vqa": "Q:"})
