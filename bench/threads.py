@@ -59,9 +59,11 @@ def measure(threads: int, iterations: int) -> Dict[str, float]:
         group: torch.optim.AdamW([p for _, p in params], lr=1e-4) for group, params in parameter_groups(model).items()
     }
 
+    host = lavis_free.exits_of(model)
+
     def train_iteration() -> None:
-        backbone = model.exit_backbone_outputs(batch)
-        train_step(model, backbone, optimizers, epoch=0, iteration=0)
+        backbone = host.backbone_outputs(batch)
+        train_step(host, backbone, optimizers, epoch=0, iteration=0)
 
     figures = {"train_s_per_iteration": _median_seconds(train_iteration, 2, iterations)}
     model.eval()

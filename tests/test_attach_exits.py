@@ -153,3 +153,47 @@ def test_the_frozen_backbone_runs_without_dropout_while_exits_train_with_the_lm_
     model.eval()
     assert torch.equal(model.early_exits.exit_outputs(host.adapter, first).features[0],
                        model.early_exits.exit_outputs(host.adapter, first).features[0])
+
+
+def test_a_plugin_model_built_without_exits_takes_them_later_and_a_second_set_is_refused(images):
+    model = tiny("opt")
+    assert exits_of(model).early_exits is None
+    lavis_free.attach_exits(model, EXITS)
+    assert exits_of(model).early_exits is not None and exits_of(model).config.layers == (2, 5)
+    _, stats = model.generate({"image": images}, num_beams=1, max_length=4, exit_threshold=0.0, return_exit_stats=True)
+    assert {n for row in stats["exit_layers"] for n in row[1:]} == {3}
+    with pytest.raises(ValueError, match=r"already has exits attached \(model.free_exits, layers \[2, 5\]\)"):
+        lavis_free.attach_exits(model, EXITS)
+
+
+def test_asking_for_exits_with_beams_is_an_error_even_by_the_switch_alone(images):
+    model = tiny("opt", exits=EXITS)
+    for asked in ({"early_exit": True}, {"exit_threshold": 0.5}):
+        with pytest.raises(ValueError, match="num_beams=3 cannot decode with the early exits asked for"):
+            model.generate({"image": images}, num_beams=3, max_length=4, **asked)
+
+
+def test_exits_checkpoint_without_an_exits_section_is_refused_on_lavis_s_arch(monkeypatch, tmp_path):
+    parts = tiny("opt")
+    monkeypatch.setattr(Blip2OPT, "from_config", classmethod(lambda cls, cfg: as_lavis_model(parts)))
+    task = FreeCaptionTask(num_beams=1, max_len=6, min_len=1, evaluate=False)
+    cfg = OmegaConf.create({"arch": "blip2_opt", "model_type": "pretrain_opt2.7b", "exits_checkpoint": "exits.pth"})
+    with pytest.raises(ValueError, match="model.exits_checkpoint='exits.pth' is set but model.exits is not"):
+        task.build_model(type("Cfg", (), {"model_cfg": cfg})())
+
+
+def test_lavis_s_tokenizer_sides_are_left_as_lavis_set_them(images):
+    model = tiny("opt")
+    tok = model.opt_tokenizer
+    tok.padding_side, tok.truncation_side = "right", "right"
+    model.generate({"image": images, "prompt": ["a", "a photo of", "two"]}, num_beams=1, max_length=3)
+    exits_of(model).binding.training_batch(model, {"image": images, "text_input": ["q", "q", "q"], "text_output": ["a", "b", "c"]})
+    assert (tok.padding_side, tok.truncation_side) == ("right", "right")
+
+
+def test_a_prompt_with_surrounding_spaces_leaves_the_whole_answer_scored(images):
+    model = tiny("opt")
+    samples = {"image": images, "text_input": ["Question: what colour? Answer: ", " what?", "x"], "text_output": ["red", "blue", "two"]}
+    batch = exits_of(model).binding.training_batch(model, samples)
+    scored = [model.opt_tokenizer.decode(row[row != -100]).strip() for row in batch.labels]
+    assert scored == ["red", "blue", "two"]

@@ -1,6 +1,7 @@
 """The conformance suite: the engine's oracles, for every LM family and every host.
 
-Families: OPT (decoder-only, tests/varied_lm.py) and T5 (encoder-decoder, tests/varied_t5.py),
+Families: OPT (decoder-only, tests/varied_lm.py), T5 (encoder-decoder, tests/varied_t5.py),
+InstructBLIP FlanT5 (tests/varied_instruct_t5.py) and Vicuna (tests/varied_vicuna.py, the second stack),
 each a tiny BLIP-2 whose weights are set so outputs vary per row, rows stop at EOS at different
 lengths and exits disagree with the final head. Hosts: the plugin's model (`blip2_opt_free`,
 `blip2_t5_free`) and LAVIS's own class (`Blip2OPT`, `Blip2T5`, built offline from the same parts

@@ -173,7 +173,7 @@ def test_pseudo_labels_are_generated_once_per_image_at_full_depth(monkeypatch):
     again = trainer.lm_samples(host, batch(), lambda s: s)
     assert len(calls) == 1 and calls[0][0] == 4
     assert calls[0][1]["num_beams"] == 1 and calls[0][1]["early_exit"] is False
-    assert first["text_input"] == again["text_input"] != batch()["text_input"]
+    assert first["text_output"] == again["text_output"] != batch()["text_input"]
     trainer.lm_samples(exits_of(model), batch(seed=2), lambda s: s)
     assert len(calls) == 2
 

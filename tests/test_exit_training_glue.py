@@ -166,9 +166,21 @@ def test_pseudo_labels_continue_the_right_prompts_with_the_run_lengths():
     images = torch.randn(2, 3, 8, 8)
     captions = labels.relabel(host, {"image": images, "text_input": ["x", "y"]})
     assert host.calls[-1] == (2, ["a photo of", "a photo of"],
-                              {"num_beams": 1, "max_length": 7, "min_length": 2, "early_exit": False})
-    assert captions["text_input"] == ["a photo of text 0", "a photo of text 1"]
+                              {"num_beams": 1, "repetition_penalty": 1.0, "max_length": 7, "min_length": 2, "early_exit": False})
+    # the prompt stays input (unscored), the continuation is the target: a T5 host's prompt goes to
+    # its encoder and must not be part of the decoder's target
+    assert captions["text_input"] == ["a photo of", "a photo of"]
+    assert captions["text_output"] == ["text 0", "text 1"]
     questions = {"image": images + 1, "text_input": ["Q: q1 A:", "Q: q2 A:"], "text_output": ["a1", "a2"]}
     answers = labels.relabel(host, questions)
     assert host.calls[-1][1] == ["Q: q1 A:", "Q: q2 A:"]
     assert answers["text_input"] == questions["text_input"] and answers["text_output"] == ["text 0", "text 1"]
+
+
+def test_the_cache_key_tells_apart_targets_of_one_instruction():
+    """Instruction batches share `text_input` across an image's captions: the target is keyed too."""
+    images = torch.zeros(2, 3, 8, 8)
+    same_instruction = {"image": images, "text_input": ["describe", "describe"], "text_output": ["a red circle", "a big red circle"]}
+    keys = sample_keys(same_instruction)
+    assert keys[0] != keys[1]
+    assert sample_keys({"image": images, "text_input": ["a", "b"]}) == [k.split("\n")[0] + "\na" for k in keys[:1]] + [keys[1].split("\n")[0] + "\nb"]

@@ -70,10 +70,24 @@ def test_the_instruction_changes_the_queries_and_the_answer(model, images):
 def test_generate_defaults_are_lavis_main_s_beam_search_with_repetition_penalty(model, images):
     """LAVIS main's InstructBLIP `generate` defaults to num_beams=5, repetition_penalty=1.5: they
     run the host's own full-depth decoding; greedy with repetition_penalty=1.0 runs the engine."""
-    defaults = binding_for(model).generate_defaults
+    binding = binding_for(model)
+    defaults = binding.generate_defaults
     assert (defaults["num_beams"], defaults["repetition_penalty"], defaults["max_length"]) == (5, 1.5, 256)
-    _, stats = model.generate({"image": images, "prompt": "describe"}, max_length=5, return_exit_stats=True)
-    assert all(set(row) == {12} for row in stats["exit_layers"])
+    calls = []
+    real = type(binding).lavis_generate
+
+    def spy(self, *args, **decoding):
+        calls.append(decoding)
+        return real(self, *args, **decoding)
+
+    type(binding).lavis_generate = spy
+    try:
+        model.generate({"image": images, "prompt": "describe"}, max_length=5)
+        assert len(calls) == 1 and (calls[0]["num_beams"], calls[0]["repetition_penalty"]) == (5, 1.5)
+        model.generate({"image": images, "prompt": "describe"}, max_length=5, num_beams=1, repetition_penalty=1.0)
+        assert len(calls) == 1, "greedy decoding runs the engine, not the host's own path"
+    finally:
+        type(binding).lavis_generate = real
 
 
 def test_forward_scores_the_target_through_the_output_tokenizer(model, images):
@@ -110,12 +124,25 @@ def test_tiny_vicuna_follows_lavis_main_s_tokenizer_set_up_and_never_generates_p
     assert type(binding_for(model)).__name__ == "InstructBlipVicunaBinding"
     with torch.no_grad():
         model.llm_model.lm_head.weight[tok.pad_token_id] = 100.0  # [PAD] would win every argmax
-    texts, stats = model.generate({"image": images, "prompt": ["describe", "Question: what colour? Short answer:", "x"]},
+    host = model.free_exits
+    decodes, full_depth = [], []
+    real_decode, real_lavis = host.decode, host.binding.lavis_generate
+    host.decode = lambda *args: decodes.append(real_decode(*args)) or decodes[-1]
+    host.binding.lavis_generate = lambda *args, **kw: full_depth.append(real_lavis(*args, **kw)) or full_depth[-1]
+    try:
+        _, stats = model.generate({"image": images, "prompt": ["describe", "Question: what colour? Short answer:", "x"]},
                                   num_beams=1, max_length=6, repetition_penalty=1.0, return_exit_stats=True)
-    assert len(texts) == 3 and all(len(row) == 5 for row in stats["exit_layers"])  # max_length counts HF's start id
-    assert "[PAD]" not in "".join(texts)
-    beams = model.generate({"image": images, "prompt": "describe"}, num_beams=2, max_length=6, early_exit=False)
-    assert len(beams) == 3 and "[PAD]" not in "".join(beams)
+        model.generate({"image": images, "prompt": "describe"}, num_beams=2, max_length=6, early_exit=False)
+    finally:
+        del host.decode, host.binding.lavis_generate
+    assert all(len(row) == 5 for row in stats["exit_layers"])  # max_length counts HF's start id
+    for ids in (decodes[0].tokens, full_depth[0]):
+        generated = [t for row in ids.tolist() for t in row[: row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else None]]
+        assert generated and tok.pad_token_id not in generated
+    with pytest.raises(ValueError, match=r"max_length=1 leaves no token to generate .* max_len"):
+        model.generate({"image": images, "prompt": "describe"}, num_beams=1, max_length=1, repetition_penalty=1.0)
+    with pytest.raises(ValueError, match=r"min_length=4 can never be reached: it counts 1 prompt token\(s\) plus at most 2 new"):
+        model.generate({"image": images, "prompt": "describe"}, num_beams=1, max_length=3, min_length=4, repetition_penalty=1.0)
 
 
 def test_tiny_flant5_and_shapes_tiny_flant5_share_the_architecture_and_the_project_s_exits():
@@ -131,18 +158,34 @@ def test_tiny_flant5_and_shapes_tiny_flant5_share_the_architecture_and_the_proje
     assert shapes.model.prompt == project.run.instructions.caption
 
 
-def test_free_instruct_turns_each_batch_kind_into_its_instruction():
+def test_free_instruct_gives_every_sample_its_instruction_and_target_through_lavis_s_concatenation():
+    """LAVIS's runner concatenates the three train datasets (`ConcatDataset` keeps only the keys
+    all samples of a batch share): the targets must survive a mixed batch."""
+    from types import SimpleNamespace
+
+    from lavis.datasets.data_utils import concat_datasets, reorg_datasets_by_split
+
+    from lavis_free.common.config import FreeConfig
     from lavis_free.tasks.instruct import FreeInstructTask
 
-    task = FreeInstructTask(num_beams=1, max_len=5, min_len=1, evaluate=False,
-                            instructions={"vqa": "Q: {} A:", "dialogue": "D: {} A:"})
-    captions = task.instruction_samples({"image": None, "text_input": ["a red circle", "two squares"]})
-    assert captions["text_input"] == ["A short image description:"] * 2 and captions["text_output"] == ["a red circle", "two squares"]
-    vqa = task.instruction_samples({"text_input": ["what colour?"], "answer": ["red", "blue"],
-                                    "weight": torch.tensor([0.3, 0.7]), "n_answers": torch.tensor([2])})
-    assert vqa["text_input"] == ["Q: what colour? A:"] and vqa["text_output"] == ["blue"]
-    dialogue = task.instruction_samples({"text_input": ["how many? two. what colour?"], "text_output": ["red"]})
-    assert dialogue["text_input"] == ["D: how many? two. what colour? A:"] and dialogue["text_output"] == ["red"]
+    cfg = FreeConfig(SimpleNamespace(cfg_path="projects/free/shapes_stage1_flant5.yaml", options=[]))
+    task = FreeInstructTask.setup_task(cfg)
+    try:
+        datasets = task.build_datasets(cfg)
+    except FileNotFoundError:
+        pytest.skip("the shapes data is not generated (python -m lavis_free.datasets.shapes --out data/shapes)")
+    train = concat_datasets(reorg_datasets_by_split(dict(datasets)))["train"]
+    caption, vqa, dialogue = (datasets[n]["train"] for n in ("shapes_caption", "shapes_vqa", "shapes_dialogue"))
+    batch = train.collater([caption[0], vqa[0], dialogue[1]])
+    assert batch["text_input"] == ["A short image description:", "Question: " + vqa.dataset[0]["text_input"] + " Short answer:",
+                                   "Dialogue: " + dialogue.dataset[1]["text_input"] + " Short answer:"]
+    assert batch["text_output"] == [caption.dataset[0]["text_input"], vqa.dataset[0]["answers"][0], dialogue.dataset[1]["text_output"]]
+    assert batch["image"].shape[0] == 3
+
+
+def test_free_instruct_checks_its_instructions():
+    from lavis_free.tasks.instruct import FreeInstructTask
+
     with pytest.raises(ValueError, match=r"run.instructions: unknown kind\(s\) \['caption_'\]"):
         FreeInstructTask(num_beams=1, max_len=5, min_len=1, evaluate=False, instructions={"caption_": "x"})
     with pytest.raises(ValueError, match=r"run.instructions.vqa='Q:' needs one '\{\}'"):

@@ -124,9 +124,8 @@ def test_load_model_default_type_and_zoo():
     from lavis.models import model_zoo
 
     assert "blip2_t5_free" in str(model_zoo)
-    expected = "shapes_tiny_t5" if (lavis_free.models.blip2_components.PACKAGE_ROOT / OmegaConf.load(
-        Blip2T5Free.default_config_path("shapes_tiny_t5")).model.finetuned).is_file() else "tiny"
-    assert Blip2T5Free.default_model_type() == expected
+    assert Blip2T5Free.default_model_type() == "shapes_tiny_t5"  # its weights ship in the package
+    assert isinstance(lavis_free.load_model("blip2_t5_free"), Blip2T5Free)
 
 
 def test_predict_answers_lemmatizes_as_lavis_s_t5_when_configured(tiny_model, images, monkeypatch):

@@ -76,13 +76,17 @@ def backbone_fingerprint(model: nn.Module, trainable_prefix: str = "early_exits.
 
 
 def sample_keys(samples: Mapping[str, Any]) -> List[str]:
-    """One key per sample: a digest of its processed image and the LM text it is trained on.
+    """One key per sample: a digest of its processed image and the LM text it is trained on
+    (`text_input`, and the target `text_output` when the batch has one: an instruction is the
+    same for every caption of an image).
 
     Keyed by content rather than by image id, so a cache directory cannot serve features of
     another dataset with colliding ids, and randomly augmented images simply miss."""
-    images, texts = samples["image"], samples["text_input"]
+    images, texts = samples["image"], list(samples["text_input"])
     if images.shape[0] != len(texts):
         raise FeatureCacheError(f"batch has {images.shape[0]} images for {len(texts)} text_input entries")
+    if "text_output" in samples:
+        texts = [f"{text}\n{target}" for text, target in zip(texts, samples["text_output"])]
     return [f"{digest}\n{text}" for digest, text in zip(image_digests(images), texts)]
 
 

@@ -4,8 +4,9 @@
 the exits as `model.early_exits` (so checkpoints keep the keys `early_exits.*`), and puts an
 `AttachedExits` on the model as `model.free_exits`. The instance's `generate`,
 `predict_answers`, `load_checkpoint` and `load_from_pretrained` then go through it; the class
-(LAVIS's own, or the plugin's) is left untouched, so `type(model).generate(model, ...)` is still
-the host's own LAVIS decoding. Training (`lavis_free.tasks`), the runner, evaluation and benches
+(LAVIS's own, or the plugin's) is left untouched, so for LAVIS's classes `type(model).generate(model, ...)`
+is still the host's own LAVIS decoding (the binding's `lavis_generate` is that path for every host).
+A model without exits (a plugin model built with none) may get them attached later. Training (`lavis_free.tasks`), the runner, evaluation and benches
 reach the exits through `exits_of(model)`, never through the host's class.
 
 Decoding: greedy settings (`ENGINE_DECODING`) run the early-exit engine, with exits or at full
@@ -53,8 +54,10 @@ def attach_exits(model: nn.Module, exits: Union[None, Mapping[str, Any], ExitCon
     """Adds FREE exits (a `model.exits` mapping or an `ExitConfig`; None = none yet, but the
     early-exit keywords are accepted) to a built LAVIS model and returns it. With exits, every
     parameter the model had is frozen. Errors name the supported classes for other models."""
-    if getattr(model, "free_exits", None) is not None:
-        raise ValueError(f"{type(model).__name__} already has exits attached (model.free_exits)")
+    attached = getattr(model, "free_exits", None)
+    if attached is not None and attached.early_exits is not None:
+        raise ValueError(f"{type(model).__name__} already has exits attached (model.free_exits, layers "
+                         f"{list(attached.config.layers)})")
     binding = binding_for(model)
     adapter = binding.adapter(model)
     config = exits if isinstance(exits, ExitConfig) else ExitConfig.from_dict(exits, adapter.num_layers)
@@ -64,8 +67,9 @@ def attach_exits(model: nn.Module, exits: Union[None, Mapping[str, Any], ExitCon
     if config.enabled:
         for param in model.parameters():
             param.requires_grad = False
-        model.early_exits = EarlyExits(adapter, config)
-        model.register_buffer("exit_layers", torch.tensor(config.layers, dtype=torch.long), persistent=True)
+        device = next(binding.lm(model).parameters()).device  # a model already moved keeps its exits beside it
+        model.early_exits = EarlyExits(adapter, config).to(device)
+        model.register_buffer("exit_layers", torch.tensor(config.layers, dtype=torch.long, device=device), persistent=True)
     controller = AttachedExits(model, binding, config)
     model.free_exits = controller
     for name in ("generate", "predict_answers", "load_checkpoint", "load_from_pretrained", "optimizer_groups"):
@@ -163,18 +167,22 @@ class AttachedExits:
         options = self.exit_options(**kwargs)
         unhonoured = [f"{k}={decoding[k]!r}" for k, v in ENGINE_DECODING.items() if decoding[k] != v]
         if unhonoured and options.enabled:
-            self._exits_not_honoured(unhonoured, asked=any(v is not None and k != "early_exit" for k, v in kwargs.items()))
+            self._exits_not_honoured(unhonoured, asked=any(v is not None for v in kwargs.values()))
         if unhonoured:
             generated = self.binding.lavis_generate(self.model, image, prompts, **decoding)
             texts = self.binding.decode_text(self.model, generated)
             return (texts, self.full_depth_stats(generated.tolist())) if return_exit_stats else texts
         ids = self.binding.special_ids(self.model)
         new_tokens = self.binding.max_new_tokens(decoding["max_length"])
+        if new_tokens < 1:
+            raise ValueError(f"max_length={decoding['max_length']} leaves no token to generate for this host "
+                             f"(it counts {decoding['max_length'] - new_tokens} start token; predict_answers: max_len)")
         lm_batch = self.binding.decode_batch(self.model, image, prompts, new_tokens)
-        if decoding["min_length"] > lm_batch.prompt_length + decoding["max_length"]:
+        if decoding["min_length"] > lm_batch.prompt_length + new_tokens:
             raise ValueError(
                 f"min_length={decoding['min_length']} can never be reached: it counts {lm_batch.prompt_length} prompt "
-                f"token(s) plus at most max_length={decoding['max_length']} new ones (predict_answers: min_len, max_len)"
+                f"token(s) plus at most {new_tokens} new ones from max_length={decoding['max_length']} "
+                "(predict_answers: min_len, max_len)"
             )
         result = self.decode(lm_batch, DecodeOptions(
             max_new_tokens=new_tokens, eos_token_id=ids.eos_token_id, pad_token_id=ids.pad_token_id,

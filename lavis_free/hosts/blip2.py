@@ -37,10 +37,14 @@ def image_queries(model: nn.Module, image: torch.Tensor, projection: nn.Module) 
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], device: torch.device, padding_side: str, max_length: int) -> BatchEncoding:
-    """A padded batch; over-long texts lose tokens on the padding side (prompts: the oldest)."""
-    tokenizer.padding_side = padding_side
-    tokenizer.truncation_side = padding_side
-    return tokenizer(list(texts), return_tensors="pt", padding="longest", truncation=True, max_length=max_length).to(device)
+    """A padded batch; over-long texts lose tokens on the padding side (prompts: the oldest).
+    The tokenizer's own sides are restored after, as LAVIS's code reads them as it set them."""
+    saved = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = padding_side
+    try:
+        return tokenizer(list(texts), return_tensors="pt", padding="longest", truncation=True, max_length=max_length).to(device)
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = saved
 
 
 def training_texts(model: nn.Module, samples: Mapping[str, Any]) -> Tuple[torch.Tensor, List[str], List[str]]:
@@ -81,7 +85,8 @@ class Blip2OPTBinding(HostBinding):
         if any(prompts):
             # the prompt's tokens (with the start token) are a prefix of the text's: the target
             # follows a space, so no BPE merge crosses the boundary
-            prompt_lengths = tokenize(model.opt_tokenizer, prompts, image.device, "right", model.max_txt_len).attention_mask.sum(1)
+            stripped = [p.strip() for p in prompts]  # as they start the text above
+            prompt_lengths = tokenize(model.opt_tokenizer, stripped, image.device, "right", model.max_txt_len).attention_mask.sum(1)
             cols = torch.arange(labels.shape[1], device=labels.device)
             labels = labels.masked_fill(cols[None] < prompt_lengths[:, None], IGNORE_INDEX)
         elif model.prompt:

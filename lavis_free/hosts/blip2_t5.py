@@ -41,7 +41,9 @@ class Blip2T5Binding(HostBinding):
         limits = dict(truncation=True, max_length=model.max_txt_len) if truncate else {}
         tokens = model.t5_tokenizer(list(texts), padding="longest", return_tensors="pt", **limits).to(image.device)
         token_embeds = model.t5_model.encoder.embed_tokens(tokens.input_ids)
-        return (torch.cat([queries.to(token_embeds.dtype), token_embeds], dim=1),
+        # LAVIS concatenates the (fp32) queries with the (bf16 on GPU) embeddings, which promotes
+        # to fp32: its T5 encoder keeps an fp32 residual stream, and so does this
+        return (torch.cat([queries, token_embeds.to(queries.dtype)], dim=1),
                 torch.cat([atts, tokens.attention_mask], dim=1))
 
     def queries(self, model: nn.Module, image: torch.Tensor, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -231,10 +231,6 @@ def _with_prompt(template: str, text: str) -> str:
     return (template.format(text) if template else text).strip()
 
 
-def _join(prompt: str, text: str) -> str:
-    return " ".join(t for t in (prompt.strip(), text.strip()) if t)
-
-
 def _best_answers(samples: Mapping[str, Any]) -> List[str]:
     """VQAv2 batches flatten every question's answers (`answer`, `weight`, `n_answers`):
     the most weighted answer of each question."""
@@ -285,15 +281,15 @@ class PseudoLabels:
                 samples["image"][rows],
                 [prompts[r] for r in rows],
                 num_beams=1,
+                repetition_penalty=1.0,  # greedy, whatever the host's default (InstructBLIP: 1.5)
                 max_length=self.max_len,
                 min_length=self.min_len,
                 early_exit=False,
             )
             self.texts.update((keys[r], text) for r, text in zip(rows, generated))
-        texts = [self.texts[key] for key in keys]
-        if answers:
-            return {**samples, "text_output": texts}
-        return {**samples, "text_input": [_join(prompt, text) for prompt, text in zip(prompts, texts)]}
+        # the prompt unscored, the continuation scored: the host binding's text_output convention
+        # (for a T5 host the prompt goes to the encoder, so it must not be part of the target)
+        return {**samples, "text_input": prompts, "text_output": [self.texts[key] for key in keys]}
 
 
 class ExitTrainer:

@@ -1,12 +1,14 @@
 """Task ``free_instruct``: one model trained on captions, VQA and dialogue through instructions,
 as InstructBLIP is meant to be used; validated and tested on captions.
 
-Each training batch comes from one dataset (LAVIS's ``MultiIterLoader`` draws them in turn) and
-is turned into InstructBLIP's format, ``text_input`` = the instruction, ``text_output`` = the
-target, by its kind: caption batches get the caption instruction; VQA batches (``answer``,
-``weight``, ``n_answers``) the VQA instruction around the question and the most weighted answer;
-dialogue batches (``text_output``) the dialogue instruction around history + question. Stage 1
-(LAVIS's ``train_step``) and exit training (``exit_lm_samples``) use the same text.
+Every training *sample* is turned into InstructBLIP's format, ``text_input`` = the instruction,
+``text_output`` = the target, by the kind of dataset it comes from: captions get the caption
+instruction; VQA questions the VQA instruction and their most weighted answer; dialogue rounds
+the dialogue instruction around history + question, and the round's answer. Why per sample, not
+per batch: LAVIS's runner concatenates the train datasets of one split (`concat_datasets`) and
+its `ConcatDataset` keeps only the keys every sample of a batch shares, so a batch mixing the
+three kinds keeps only `image` and `text_input`, and targets by kind would be lost. Stage 1
+(LAVIS's `train_step`) and exit training then read the same text.
 
 Run config keys: those of ``free_captioning`` plus ``instructions`` (a mapping with ``caption``,
 ``vqa``, ``dialogue``; the defaults are `INSTRUCTIONS`). Evaluation uses the model's prompt,
@@ -15,18 +17,22 @@ which should be the caption instruction; VQA and dialogue are evaluated by ``fre
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from lavis.common.registry import registry
+from lavis.datasets.datasets.caption_datasets import CaptionDataset
+from lavis.datasets.datasets.vqa_datasets import VQADataset
+from torch.utils.data import Dataset, default_collate
 
+from lavis_free.datasets.map_datasets import ShapesDialogueDataset
 from lavis_free.tasks.captioning import FreeCaptionTask
-from lavis_free.tasks.exit_training import answer_lm_samples
 
 INSTRUCTIONS = {
     "caption": "A short image description:",
     "vqa": "Question: {} Short answer:",
     "dialogue": "Dialogue: {} Short answer:",
 }
+KINDS = ((VQADataset, "vqa"), (ShapesDialogueDataset, "dialogue"), (CaptionDataset, "caption"))
 
 
 def check_instructions(instructions: Optional[Mapping[str, str]]) -> Dict[str, str]:
@@ -41,6 +47,46 @@ def check_instructions(instructions: Optional[Mapping[str, str]]) -> Dict[str, s
     return merged
 
 
+def instruction_sample(sample: Mapping[str, Any], kind: str, instructions: Mapping[str, str]) -> Dict[str, Any]:
+    """One sample as InstructBLIP trains on it: the image, the instruction and the target."""
+    text = sample["text_input"]
+    if kind == "caption":
+        instruction, target = instructions["caption"], text
+    elif kind == "vqa":
+        weights = list(sample["weights"])
+        instruction, target = instructions["vqa"].format(text), sample["answers"][weights.index(max(weights))]
+    else:
+        instruction, target = instructions["dialogue"].format(text), sample["text_output"]
+    return {"image": sample["image"], "text_input": instruction.strip(), "text_output": target}
+
+
+class InstructionDataset(Dataset):
+    """A train dataset whose samples come out in instruction format (see the module docstring)."""
+
+    def __init__(self, dataset: Dataset, kind: str, instructions: Mapping[str, str]):
+        self.dataset, self.kind, self.instructions = dataset, kind, instructions
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        return instruction_sample(self.dataset[index], self.kind, self.instructions)
+
+    def collater(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        return default_collate(samples)
+
+    def set_processors(self, vis_processor: Any, text_processor: Any) -> None:  # LAVIS calls it on every dataset
+        self.dataset.set_processors(vis_processor, text_processor)
+
+
+def dataset_kind(dataset: Dataset, name: str) -> str:
+    for cls, kind in KINDS:
+        if isinstance(dataset, cls):
+            return kind
+    raise ValueError(f"free_instruct: datasets.{name} ({type(dataset).__name__}) is neither a caption, a VQA nor a "
+                     "dialogue dataset; its samples have no instruction format")
+
+
 @registry.register_task("free_instruct")
 class FreeInstructTask(FreeCaptionTask):
     def __init__(self, *args: Any, instructions: Optional[Mapping[str, str]] = None, **kwargs: Any):
@@ -53,17 +99,9 @@ class FreeInstructTask(FreeCaptionTask):
         task.instructions = check_instructions(cfg.run_cfg.get("instructions"))
         return task
 
-    def instruction_samples(self, samples: Dict[str, Any]) -> Dict[str, Any]:
-        """The batch as InstructBLIP trains on it (see the module docstring)."""
-        if "answer" in samples and "n_answers" in samples:
-            return answer_lm_samples(samples, self.instructions["vqa"])
-        if "text_output" in samples:
-            return answer_lm_samples(samples, self.instructions["dialogue"])
-        captions = list(samples["text_input"])
-        return {**samples, "text_input": [self.instructions["caption"]] * len(captions), "text_output": captions}
-
-    def train_step(self, model, samples):
-        return super().train_step(model, self.instruction_samples(samples))
-
-    def exit_lm_samples(self, samples: Dict[str, Any]) -> Dict[str, Any]:
-        return self.instruction_samples(samples)
+    def build_datasets(self, cfg):
+        datasets = super().build_datasets(cfg)
+        for name, splits in datasets.items():
+            if "train" in splits:
+                splits["train"] = InstructionDataset(splits["train"], dataset_kind(splits["train"], name), self.instructions)
+        return datasets

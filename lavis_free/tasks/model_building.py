@@ -30,6 +30,11 @@ class AttachExitsMixin:
         model_cfg = cfg.model_cfg
         exits = model_cfg.get("exits")
         if exits is None:  # a LAVIS model and no exits asked for: LAVIS's model, untouched
+            if model_cfg.get("exits_checkpoint"):
+                raise ValueError(
+                    f"model.exits_checkpoint={model_cfg.get('exits_checkpoint')!r} is set but model.exits is not: "
+                    f"add the model.exits section the checkpoint's exits were trained with (arch {model_cfg.arch})"
+                )
             return model
         attach_exits(model, OmegaConf.to_container(exits, resolve=True) if OmegaConf.is_config(exits) else exits)
         path = model_cfg.get("exits_checkpoint")
