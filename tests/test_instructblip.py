@@ -158,7 +158,7 @@ def test_tiny_flant5_and_shapes_tiny_flant5_share_the_architecture_and_the_proje
     assert shapes.model.prompt == project.run.instructions.caption
 
 
-def test_free_instruct_gives_every_sample_its_instruction_and_target_through_lavis_s_concatenation():
+def test_free_instruct_gives_every_sample_its_instruction_and_target_through_lavis_s_concatenation(shapes_data_dir):
     """LAVIS's runner concatenates the three train datasets (`ConcatDataset` keeps only the keys
     all samples of a batch share): the targets must survive a mixed batch."""
     from types import SimpleNamespace
@@ -168,12 +168,10 @@ def test_free_instruct_gives_every_sample_its_instruction_and_target_through_lav
     from lavis_free.common.config import FreeConfig
     from lavis_free.tasks.instruct import FreeInstructTask
 
-    cfg = FreeConfig(SimpleNamespace(cfg_path="projects/free/shapes_stage1_flant5.yaml", options=[]))
+    storage = [f"datasets.{name}.build_info.storage={shapes_data_dir}" for name in ("shapes_caption", "shapes_vqa", "shapes_dialogue")]
+    cfg = FreeConfig(SimpleNamespace(cfg_path="projects/free/shapes_stage1_flant5.yaml", options=storage))
     task = FreeInstructTask.setup_task(cfg)
-    try:
-        datasets = task.build_datasets(cfg)
-    except FileNotFoundError:
-        pytest.skip("the shapes data is not generated (python -m lavis_free.datasets.shapes --out data/shapes)")
+    datasets = task.build_datasets(cfg)
     train = concat_datasets(reorg_datasets_by_split(dict(datasets)))["train"]
     caption, vqa, dialogue = (datasets[n]["train"] for n in ("shapes_caption", "shapes_vqa", "shapes_dialogue"))
     batch = train.collater([caption[0], vqa[0], dialogue[1]])
