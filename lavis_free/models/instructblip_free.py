@@ -78,6 +78,18 @@ class InstructBlipFree(OfflineBlip2, Blip2Base):
         model.load_checkpoint_from_config(cfg)
         return model
 
+    def finish_init(self, prompt: str, max_txt_len: int, max_output_txt_len: int, apply_lemmatizer: bool,
+                    exits: Optional[Mapping[str, Any]]) -> None:
+        """The last part of every InstructBLIP `__init__`, whatever its LM: LAVIS main's text
+        settings, then the exits."""
+        self.max_txt_len = max_txt_len
+        self.max_output_txt_len = max_output_txt_len
+        self.prompt = prompt
+        self._apply_lemmatizer = apply_lemmatizer
+        self._lemmatizer = None
+        self.qformer_text_input = True
+        attach_exits(self, exits)
+
     def forward(self, samples: Mapping[str, Any]) -> dict:
         """InstructBLIP's loss (`text_input` = the instruction, `text_output` = the target), on
         the host binding's aligned labels; the LM's own forward computes the logits."""
@@ -122,13 +134,7 @@ class InstructBlipT5Free(InstructBlipFree):
         if freeze_lm:
             freeze(self.t5_model)
         self.t5_proj = nn.Linear(self.Qformer.config.hidden_size, self.t5_model.config.hidden_size)
-        self.max_txt_len = max_txt_len
-        self.max_output_txt_len = max_output_txt_len
-        self.prompt = prompt
-        self._apply_lemmatizer = apply_lemmatizer
-        self._lemmatizer = None
-        self.qformer_text_input = True
-        attach_exits(self, exits)
+        self.finish_init(prompt, max_txt_len, max_output_txt_len, apply_lemmatizer, exits)
 
     def lm_logits(self, batch) -> torch.Tensor:
         with self.maybe_autocast(dtype=torch.bfloat16):

@@ -16,7 +16,6 @@ from torch import nn
 
 from lavis_free.common.safe_load import forced_weights_only
 from lavis_free.compat.transformers_version import require_vicuna
-from lavis_free.hosts import attach_exits
 from lavis_free.models import tiny, weights
 from lavis_free.models.blip2_components import freeze
 from lavis_free.models.instructblip_free import InstructBlipFree
@@ -56,14 +55,8 @@ class InstructBlipVicunaFree(InstructBlipFree):
         if freeze_lm:
             freeze(self.llm_model)
         self.llm_proj = nn.Linear(self.Qformer.config.hidden_size, self.llm_model.config.hidden_size)
-        self.max_txt_len = max_txt_len
-        self.max_output_txt_len = max_output_txt_len
-        self.prompt = prompt
-        self.prompt_length = self.llm_tokenizer(self.prompt, return_tensors="pt").attention_mask.sum(1)
-        self._apply_lemmatizer = apply_lemmatizer
-        self._lemmatizer = None
-        self.qformer_text_input = True
-        attach_exits(self, exits)
+        self.prompt_length = self.llm_tokenizer(prompt, return_tensors="pt").attention_mask.sum(1)
+        self.finish_init(prompt, max_txt_len, max_output_txt_len, apply_lemmatizer, exits)
 
     @classmethod
     def init_llm(cls, llm_model: str, llm_config: Optional[Mapping[str, Any]] = None) -> Tuple[Any, nn.Module]:
