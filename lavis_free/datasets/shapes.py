@@ -23,7 +23,7 @@ from tqdm import tqdm
 from lavis_free.datasets.shapes_language import ImageText, describe, dialogue_context
 from lavis_free.datasets.shapes_scene import IMAGE_SIZE, Scene, render_scene, sample_scene, scene_rng
 
-GENERATOR_VERSION = "1.1"
+GENERATOR_VERSION = "1.2"  # 1.2: each image's scene in the caption ground truth
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES: Dict[str, int] = {"train": 2000, "val": 200, "test": 200}
 ID_BASE: Dict[str, int] = {"train": 0, "val": 800_000, "test": 900_000}
@@ -60,8 +60,15 @@ def caption_rows(items: Sequence[ShapesItem], split: str) -> List[dict]:
     return [{"image": it.image, "caption": list(it.text.captions), "image_id": it.image_id} for it in items]
 
 
+def scene_record(scene: Scene) -> List[dict]:
+    """What an image shows, object by object in reading order, as the annotations store it."""
+    return [{"colour": o.colour, "shape": o.shape, "size": o.size, "position": o.position} for o in scene.objects]
+
+
 def caption_gt(items: Sequence[ShapesItem]) -> dict:
-    """COCO-format ground truth, as pycocotools' ``COCO`` and pycocoevalcap expect it."""
+    """COCO-format ground truth, as pycocotools' ``COCO`` and pycocoevalcap expect it; each image
+    entry also holds its ``scene`` (COCO allows extra fields), so captions can be scored per
+    attribute (`lavis_free.tasks.scene_metrics`)."""
     annotations = []
     for it in items:
         for caption in it.text.captions:
@@ -70,7 +77,7 @@ def caption_gt(items: Sequence[ShapesItem]) -> dict:
         "info": {"description": "lavis-free synthetic shapes captions"},
         "licenses": [],
         "type": "captions",
-        "images": [{"id": it.image_id, "file_name": it.image} for it in items],
+        "images": [{"id": it.image_id, "file_name": it.image, "scene": scene_record(it.scene)} for it in items],
         "annotations": annotations,
     }
 

@@ -47,6 +47,11 @@ def tokenize(tokenizer: Any, texts: Sequence[str], device: torch.device, padding
         tokenizer.padding_side, tokenizer.truncation_side = saved
 
 
+def opt_training_text(prompt: str, target: str) -> str:
+    """The text Blip2OPT trains on: prompt and target joined by one space, ended by "\\n" (its EOS)."""
+    return " ".join(t for t in (prompt.strip(), target.strip()) if t) + "\n"
+
+
 def training_texts(model: nn.Module, samples: Mapping[str, Any]) -> Tuple[torch.Tensor, List[str], List[str]]:
     """(checked images, unscored prompts, scored targets) of a training batch: with
     `text_output`, `text_input` is the prompt; without, LAVIS's captioning convention (the
@@ -79,7 +84,7 @@ class Blip2OPTBinding(HostBinding):
         (`model.prompt_length` tokens) are unscored. Labels are shifted to aligned."""
         image, prompts, targets = training_texts(model, samples)
         queries, atts = image_queries(model, image, model.opt_proj)
-        texts = [" ".join(t for t in (p.strip(), x.strip()) if t) + "\n" for p, x in zip(prompts, targets)]
+        texts = [opt_training_text(p, x) for p, x in zip(prompts, targets)]
         tokens = tokenize(model.opt_tokenizer, texts, image.device, "right", model.max_txt_len)
         labels = tokens.input_ids.masked_fill(tokens.attention_mask == 0, IGNORE_INDEX)
         if any(prompts):

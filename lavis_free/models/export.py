@@ -6,7 +6,10 @@
 Why: a runner checkpoint also holds optimizer state and config (about 3x the weights); the
 package ships only `{"model": state_dict}` in float16 (half the size; LAVIS's `load_checkpoint`
 copies it back into the float32 parameters). The checkpoint must cover every tensor of the
-model type's architecture (stage 1 trains everything), so a partial export is an error.
+model type's architecture, so a partial export is an error. A stage 1 that froze components
+(BLIP-2's recipe: `shapes_frozen_lm`) saves only what trained; ``--base`` names the file(s) the
+frozen components came from (the stage's `model.pretrained`), and the checkpoint's tensors are
+laid over them.
 """
 import argparse
 import logging
@@ -34,11 +37,14 @@ def _tied_aliases(state: Dict[str, torch.Tensor]) -> Set[str]:
 
 
 def export_weights(
-    checkpoint: str, out: str, name: str = "blip2_opt_free", model_type: str = "tiny"
+    checkpoint: str, out: str, name: str = "blip2_opt_free", model_type: str = "tiny", base: Sequence[str] = ()
 ) -> Dict[str, int]:
-    """Write `{"model": fp16 state dict}` of `checkpoint` to `out`; returns tensor/byte counts."""
-    state = load_torch_file(checkpoint, "--checkpoint")
-    state = state.get("model", state)
+    """Write `{"model": fp16 state dict}` of `base` files overlaid by `checkpoint` to `out`;
+    returns tensor/byte counts."""
+    state: Dict[str, torch.Tensor] = {}
+    for path, origin in [*((b, "--base") for b in base), (checkpoint, "--checkpoint")]:
+        loaded = load_torch_file(path, origin)
+        state.update(loaded.get("model", loaded))
     model_cls = registry.get_model_class(name)
     model = model_cls.from_config(OmegaConf.load(model_cls.default_config_path(model_type)).model)
     expected = model.state_dict()
@@ -67,9 +73,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--out", required=True, help="where the model-only fp16 weights go")
     parser.add_argument("--model", default="blip2_opt_free", help="registered LAVIS model name")
     parser.add_argument("--model-type", default="tiny", help="type whose architecture the weights fit")
+    parser.add_argument("--base", nargs="*", default=[], help="weights of components the checkpoint lacks because "
+                        "stage 1 froze them (its model.pretrained); the checkpoint's tensors win")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    info = export_weights(args.checkpoint, args.out, args.model, args.model_type)
+    info = export_weights(args.checkpoint, args.out, args.model, args.model_type, args.base)
     print(f"wrote {args.out}: {info['tensors']} tensors, {info['bytes'] / 2**20:.2f} MiB")
 
 

@@ -24,6 +24,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
 from lavis_free.datasets.annotations import load_caption_gt
+from lavis_free.tasks.scene_metrics import load_scenes, scene_accuracy
 
 JAVA_HINT = (
     "caption metrics need Java for pycocoevalcap's PTB tokenizer and METEOR; "
@@ -108,7 +109,8 @@ def caption_metrics(predictions: Sequence[Mapping], gt_path: str,
     """Score ``[{"image_id": int, "caption": str}, ...]`` against the COCO-format ``gt_path``.
 
     ``scorers``: any of bleu, meteor, rouge, cider, spice (default: all but spice).
-    Duplicate image ids keep their first caption. Returns the scores plus ``num_images``.
+    Duplicate image ids keep their first caption. Returns the scores plus ``num_images``, and
+    when the ground truth holds scenes (shapes), the per-attribute ``scene_*`` accuracies.
     Raises ValueError for malformed predictions or image ids absent from the ground truth.
     """
     references = load_caption_gt(gt_path)
@@ -125,5 +127,8 @@ def caption_metrics(predictions: Sequence[Mapping], gt_path: str,
     if len(hypotheses) < len(references):
         logging.info("scoring %d of the %d images of %s", len(hypotheses), len(references), gt_path)
     scores = score_captions({k: references[k] for k in hypotheses}, hypotheses, scorers)
+    scenes = load_scenes(gt_path)
+    if scenes:
+        scores.update(scene_accuracy(hypotheses, scenes))
     scores["num_images"] = len(hypotheses)
     return scores

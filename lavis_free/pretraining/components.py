@@ -1,0 +1,53 @@
+"""Component weight files of stage 0, and their merge into one `model.pretrained` checkpoint.
+
+A component file is ``{"model": state dict}`` whose keys carry the host's attribute prefix
+(``opt_model.``, ``visual_encoder.``, ``ln_vision.``), so LAVIS's `load_checkpoint` (strict=False)
+puts each tensor where BLIP-2 keeps it and the stage-1 model needs no special loading.
+
+    python -m lavis_free.pretraining.components --out PRETRAINED.pth LM.pth VISION.pth
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from lavis_free.common.safe_load import load_torch_file
+
+
+def save_component(modules: Dict[str, nn.Module], path: str) -> None:
+    """Write the modules' float32 state dicts under their attribute names as key prefixes."""
+    state = {f"{prefix}.{key}": value.detach().float().clone() if value.is_floating_point() else value
+             for prefix, module in modules.items() for key, value in module.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"model": state}, path)
+
+
+def merge_components(paths: Sequence[str], out: str) -> int:
+    """One checkpoint holding every component; a key in two files is an error. Returns the key count."""
+    merged: Dict[str, torch.Tensor] = {}
+    for path in paths:
+        state = load_torch_file(path, "component file")
+        state = state.get("model", state)
+        clash = sorted(set(merged) & set(state))
+        if clash:
+            raise ValueError(f"{path}: keys already given by an earlier component file: {clash[:5]}")
+        merged.update(state)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.save({"model": merged}, out)
+    return len(merged)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lavis_free.pretraining.components", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="the merged checkpoint (model.pretrained of stage 1)")
+    parser.add_argument("components", nargs="+", help="component files written by text_lm / vision")
+    args = parser.parse_args(argv)
+    print(f"wrote {args.out}: {merge_components(args.components, args.out)} tensors")
+
+
+if __name__ == "__main__":
+    main()
