@@ -50,6 +50,7 @@ class Blip2OPTFree(OfflineBlip2, Blip2OPT):
     PRETRAINED_MODEL_CONFIG_DICT = {
         "tiny": str(CONFIG_DIR / "blip2_opt_free_tiny.yaml"),
         "shapes_tiny": str(CONFIG_DIR / "blip2_opt_free_shapes_tiny.yaml"),
+        "shapes_frozen_lm": str(CONFIG_DIR / "blip2_opt_free_shapes_frozen_lm.yaml"),
         "pretrain_opt2.7b": str(CONFIG_DIR / "blip2_opt_free_pretrain_opt2.7b.yaml"),
         "caption_coco_opt2.7b": str(CONFIG_DIR / "blip2_opt_free_caption_coco_opt2.7b.yaml"),
     }

@@ -1,13 +1,13 @@
 """Which exit each generated token leaves at, by kind of word: does confidence sort easy from hard?
 
-    python -m lavis_free.evaluation.exit_histogram --cfg-path projects/free/shapes_caption_frozen_lm.yaml \\
+    python -m lavis_free.evaluation.exits_by_kind --cfg-path projects/free/shapes_caption_frozen_lm.yaml \\
         --split test [--threshold T] --out DIR
 
 Captions of the split are decoded greedily at the threshold (default: the model's calibrated
 one); every generated token up to EOS is counted at the layers it ran (an exit's, or full depth)
 under its kind: the attribute words of the shapes language (colour, shape, size, position,
 count), the end of the caption, or a function word (everything else: "a", "the", "in", "and",
-"there", ...). Written: exit_histogram.json and exit_histogram.png (one bar group per kind,
+"there", ...). Written: exits_by_kind.json and exits_by_kind.png (one bar group per kind,
 shares of its tokens per exit).
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ def figure(report: Dict):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lavis_free.evaluation.exit_histogram", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lavis_free.evaluation.exits_by_kind", description=__doc__.split("\n")[0])
     parser.add_argument("--cfg-path", required=True)
     parser.add_argument("--split", default="test")
     parser.add_argument("--threshold", type=float, default=None, help="default: the model's calibrated threshold")
@@ -99,8 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     config = load_config(args.cfg_path, args.options)
     model = registry.get_model_class(config.model_cfg.arch).from_config(config.model_cfg).eval()
     report = histogram(model, eval_dataset(config, args.split), args.threshold)
-    atomic_write(out / "exit_histogram.json", json.dumps(report, indent=1))
-    save_figure(figure(report), out / "exit_histogram.png")
+    atomic_write(out / "exits_by_kind.json", json.dumps(report, indent=1))
+    save_figure(figure(report), out / "exits_by_kind.png")
     for kind, c in report["counts"].items():
         total = sum(c.values())
         print(f"{kind:9s} {total:5d} tokens: " + ", ".join(f"{l} layers {n / total:.0%}" for l, n in c.items()))

@@ -1,8 +1,8 @@
-"""Exit histogram by token kind (lavis_free.evaluation.exit_histogram)."""
+"""Exit histogram by token kind (lavis_free.evaluation.exits_by_kind)."""
 import torch
 
 import lavis_free
-from lavis_free.evaluation.exit_histogram import histogram, token_kinds
+from lavis_free.evaluation.exits_by_kind import histogram, token_kinds
 from lavis_free.hosts import exits_of
 from lavis_free.models import tiny
 
