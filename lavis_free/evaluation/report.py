@@ -29,12 +29,16 @@ INPUTS = {
     "calibration": (("selected", "test", "oracle", "calibration"), "python -m lavis_free.evaluation.calibrate"),
     "sweep": (("full_depth", "rows"), "python -m lavis_free.evaluation.sweep"),
     "exit_quality": (("quality", "parameters"), "python -m lavis_free.reports.exit_quality"),
+    "frontier": (("meta", "rows"), "python bench/frontier.py"),
+    "exits_by_kind": (("counts", "threshold"), "python -m lavis_free.evaluation.exits_by_kind"),
 }
 # PNGs each input's command writes next to its JSON
 COMPANION_PNGS = {
     "calibration": ("calib_sweep.png", "exit_histogram.png"),
     "sweep": ("sweep.png",),
     "exit_quality": ("exit_quality.png", "exit_parameters.png"),
+    "frontier": ("frontier.png",),
+    "exits_by_kind": ("exits_by_kind.png",),
 }
 
 
@@ -82,14 +86,40 @@ def exit_quality_markdown(report: Mapping[str, Any]) -> str:
             + "\n".join(lines) + "\n")
 
 
-def build_report(calibration: Mapping[str, Any], sweep: Optional[Mapping[str, Any]] = None,
-                 exit_quality: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+def frontier_markdown(frontier: Mapping[str, Any]) -> str:
+    """One row per (method, setting): quality and both speedups against LAVIS greedy."""
+    meta = frontier["meta"]
+    lines = [f"{meta['num_images']} test images at batch {meta['batch']}; speedups against LAVIS's own greedy "
+             "`generate` on the same weights (wall-clock per caption, whole caption).", "",
+             "| method | threshold (static: layers run) | CIDEr | rel. drop | layers run per token | layer speedup | wall-clock speedup |",
+             "|---|---|---|---|---|---|---|"]
+    for r in frontier["rows"]:
+        lines.append(f"| {r['method']} | {r['setting']} | {r['CIDEr']:.3f} | {100 * r['cider_rel_drop']:.1f}% | "
+                     f"{r['avg_layers']:.2f} | {r['layer_speedup']:.2f}x | {r['wall_speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def exits_by_kind_markdown(histogram: Mapping[str, Any]) -> str:
+    """Per token kind, the share of its tokens that ran each depth."""
+    depths = [*histogram["exits_layers_run"], histogram["num_layers"]]
+    lines = [f"Generated tokens after the first, at threshold {histogram['threshold']}; cells: share of the kind's tokens "
+             "that ran that many layers.", "",
+             "| kind | tokens | " + " | ".join(f"{d} layers" for d in depths) + " |", "|---" * (len(depths) + 2) + "|"]
+    for kind, counts in histogram["counts"].items():
+        total = sum(counts.values())
+        lines.append(f"| {kind} | {total} | " + " | ".join(f"{counts.get(str(d), 0) / total:.0%}" for d in depths) + " |")
+    return "\n".join(lines) + "\n"
+
+
+SECTIONS = (("sweep", "Threshold sweep", sweep_markdown), ("exit_quality", "Exit quality (exit training)", None),
+            ("frontier", "Speed-quality frontier per method", frontier_markdown),
+            ("exits_by_kind", "Where tokens leave, by kind of word", exits_by_kind_markdown))
+
+
+def build_report(calibration: Mapping[str, Any], **optional: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """report.json's content: the inputs as given plus the summary lines."""
     report: Dict[str, Any] = {"summary": summary_lines(calibration), "calibration": dict(calibration)}
-    if sweep is not None:
-        report["sweep"] = dict(sweep)
-    if exit_quality is not None:
-        report["exit_quality"] = dict(exit_quality)
+    report.update({name: dict(value) for name, value in optional.items() if value is not None})
     return report
 
 
@@ -109,20 +139,20 @@ def report_markdown(report: Mapping[str, Any], images: Mapping[str, List[str]]) 
         calibration_markdown(calibration),
     ]
     parts += [f"![{name}]({name})" for name in images.get("calibration", []) if name != "exit_histogram.png"]
-    if "sweep" in report:
-        parts += ["", "## Threshold sweep", "", sweep_markdown(report["sweep"])]
-        parts += [f"![{name}]({name})" for name in images.get("sweep", [])]
-    if "exit_quality" in report:
-        parts += ["", "## Exit quality (exit training)", "", exit_quality_markdown(report["exit_quality"])]
-        parts += [f"![{name}]({name})" for name in images.get("exit_quality", [])]
+    for key, title, markdown in SECTIONS:
+        if key in report:
+            parts += ["", f"## {title}", "", (markdown or exit_quality_markdown)(report[key])]
+            parts += [f"![{name}]({name})" for name in images.get(key, [])]
     return "\n".join(parts) + "\n"
 
 
 def write_report(out_dir: str, calibration_path: str, sweep_path: Optional[str] = None,
-                 exit_quality_path: Optional[str] = None, progress: bool = True) -> Dict[str, str]:
+                 exit_quality_path: Optional[str] = None, progress: bool = True, frontier_path: Optional[str] = None,
+                 exits_by_kind_path: Optional[str] = None) -> Dict[str, str]:
     """Reads the inputs, copies their PNGs into `out_dir`, writes report.md and report.json."""
     out = prepare_output_dir(out_dir)
-    inputs = {"calibration": calibration_path, "sweep": sweep_path, "exit_quality": exit_quality_path}
+    inputs = {"calibration": calibration_path, "sweep": sweep_path, "exit_quality": exit_quality_path,
+              "frontier": frontier_path, "exits_by_kind": exits_by_kind_path}
     loaded = {k: read_result(p, f"--{k.replace('_', '-')}", *INPUTS[k]) for k, p in inputs.items() if p}
     images: Dict[str, List[str]] = {}
     for kind in tqdm([k for k in inputs if k in loaded], desc="report", disable=not progress):
@@ -133,7 +163,7 @@ def write_report(out_dir: str, calibration_path: str, sweep_path: Optional[str] 
                 if source != (out / name).resolve():
                     atomic_write(out / name, source.read_bytes())
                 images.setdefault(kind, []).append(name)
-    report = build_report(loaded["calibration"], loaded.get("sweep"), loaded.get("exit_quality"))
+    report = build_report(loaded["calibration"], **{k: v for k, v in loaded.items() if k != "calibration"})
     paths = {"md": str(out / "report.md"), "json": str(out / "report.json")}
     atomic_write(paths["json"], json.dumps(report, indent=2))
     atomic_write(paths["md"], report_markdown(report, images))
@@ -145,10 +175,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     parser.add_argument("--calibration", required=True, help="calibration.json (lavis_free.evaluation.calibrate)")
     parser.add_argument("--sweep", default=None, help="sweep.json (lavis_free.evaluation.sweep), optional")
     parser.add_argument("--exit-quality", default=None, help="exit_quality.json (lavis_free.reports.exit_quality), optional")
+    parser.add_argument("--frontier", default=None, help="frontier.json (bench/frontier.py), optional")
+    parser.add_argument("--exits-by-kind", default=None, help="exits_by_kind.json (lavis_free.evaluation.exits_by_kind), optional")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    paths = write_report(args.out, args.calibration, args.sweep, args.exit_quality, progress=not args.no_progress)
+    paths = write_report(args.out, args.calibration, args.sweep, args.exit_quality, progress=not args.no_progress,
+                         frontier_path=args.frontier, exits_by_kind_path=args.exits_by_kind)
     with open(paths["json"]) as f:
         print("\n".join(json.load(f)["summary"]))
     print(f"report: {os.path.abspath(paths['md'])}")
