@@ -110,6 +110,9 @@ def main() -> None:
     parser.add_argument("--cfg-path", default="projects/free/shapes_caption_frozen_lm.yaml")
     parser.add_argument("--exits", type=Path, default=Path("lavis_free/models/assets/shapes_frozen_lm"),
                         help="directory with exits_free.pth, exits_no_adversarial.pth, exits_vanilla.pth")
+    for layout in LAYOUTS:
+        parser.add_argument(f"--{layout.replace('_', '-')}", default=None,
+                            help=f"the {layout} exits (inference or runner checkpoint); default: --exits/exits_{layout}.pth")
     parser.add_argument("--data", type=Path, default=Path("data/shapes"))
     parser.add_argument("--split", default="test")
     parser.add_argument("--num-samples", type=int, default=100)
@@ -121,8 +124,8 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config(args.cfg_path, [f"datasets.shapes_caption.build_info.storage={args.data}"])
-    models = {layout: build_layout_model(config.model_cfg, layout, str(args.exits / f"exits_{layout}.pth"), "cpu")
-              for layout in LAYOUTS}
+    checkpoints = {layout: getattr(args, layout) or str(args.exits / f"exits_{layout}.pth") for layout in LAYOUTS}
+    models = {layout: build_layout_model(config.model_cfg, layout, path, "cpu") for layout, path in checkpoints.items()}
     from lavis.processors import load_processor
     vis = load_processor("blip_image_eval", {"image_size": config.model_cfg.image_size})
     rows_ann = json.loads((args.data / "annotations" / f"caption_{args.split}.json").read_text())[:args.num_samples]
@@ -146,7 +149,7 @@ def main() -> None:
         r["cider_rel_drop"] = (ref["CIDEr"] - r["CIDEr"]) / ref["CIDEr"]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"config": args.cfg_path, "exits": str(args.exits), "num_images": len(images), "batch": args.batch,
+    meta = {"config": args.cfg_path, "exits": checkpoints, "num_images": len(images), "batch": args.batch,
             "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "cpu": os.cpu_count(), "command": " ".join(sys.argv)}
     (args.out / "frontier.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["| method | threshold / layers run | CIDEr | rel. drop | layers run per token | layer speedup | ms / caption | wall-clock speedup |",

@@ -13,7 +13,7 @@ from lavis_free.datasets.shapes import generate_item
 from lavis_free.datasets.shapes_scene import Scene, ShapeObject
 from lavis_free.hosts.blip2 import opt_training_text
 from lavis_free.models.blip2_opt_free import Blip2OPTFree
-from lavis_free.pretraining import text_lm, vision
+from lavis_free.pretraining import qformer, text_lm, vision
 from lavis_free.pretraining.components import merge_components
 from lavis_free.tasks.instruct import FreeInstructTask
 
@@ -58,7 +58,9 @@ def components(tmp_path_factory):
     out = tmp_path_factory.mktemp("stage0")
     lm = text_lm.train_text_lm(STAGE1, str(out / "lm.pth"), images=4, epochs=1, batch_size=2, block=32, progress=False)
     seen = vision.train_vision(STAGE1, str(out / "vision.pth"), steps=3, batch_size=4, progress=False)
-    merge_components([str(out / "lm.pth"), str(out / "vision.pth")], str(out / "pretrained.pth"))
+    read = qformer.train_qformer(STAGE1, str(out / "vision.pth"), str(out / "qformer.pth"), steps=2, batch_size=4, progress=False)
+    assert set(read["val"]) >= {"colour", "shape", "size", "empty"}
+    merge_components([str(out / n) for n in ("lm.pth", "vision.pth", "qformer.pth")], str(out / "pretrained.pth"))
     return out, lm, seen
 
 
@@ -75,7 +77,7 @@ def test_stage_0_files_load_as_the_frozen_components_of_stage_1(components):
     for key, value in state.items():
         assert torch.equal(own[key], value), key
     assert any(k.startswith("opt_model.") for k in state) and any(k.startswith("visual_encoder.") for k in state)
-    assert not any(k.startswith("Qformer.") for k in state)
+    assert any(k.startswith("Qformer.") for k in state) and "query_tokens" in state and "opt_proj.weight" not in state
     assert not any(p.requires_grad for p in model.opt_model.parameters())
     assert not any(p.requires_grad for p in model.visual_encoder.parameters())
 

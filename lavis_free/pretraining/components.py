@@ -1,4 +1,5 @@
-"""Component weight files of stage 0, and their merge into one `model.pretrained` checkpoint.
+"""Component weight files of stage 0, their merge into one `model.pretrained` checkpoint, and the
+learning-rate schedule the stage-0 trainers share.
 
 A component file is ``{"model": state dict}`` whose keys carry the host's attribute prefix
 (``opt_model.``, ``visual_encoder.``, ``ln_vision.``), so LAVIS's `load_checkpoint` (strict=False)
@@ -9,6 +10,7 @@ puts each tensor where BLIP-2 keeps it and the stage-1 model needs no special lo
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Dict, Optional, Sequence
 
@@ -39,6 +41,13 @@ def merge_components(paths: Sequence[str], out: str) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save({"model": merged}, out)
     return len(merged)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """The stage-0 schedule: linear warm-up over `warmup_fraction` of the steps, then cosine decay to zero."""
+    warmup = max(1, int(steps * warmup_fraction))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -36,7 +35,7 @@ from lavis_free.datasets.shapes_language import ImageText, dialogue_context
 from lavis_free.hosts.blip2 import opt_training_text
 from lavis_free.models import tiny
 from lavis_free.models.blip2_components import plain
-from lavis_free.pretraining.components import save_component
+from lavis_free.pretraining.components import save_component, warmup_cosine
 from lavis_free.tasks.instruct import check_instructions
 
 
@@ -104,9 +103,7 @@ def train_text_lm(cfg_path: str, out: str, images: int = 6000, epochs: int = 3, 
     rng = random.Random(seed)
     steps = epochs * (sum(map(len, train)) // block // batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 50)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = warmup_cosine(optimizer, steps, warmup_fraction=1 / 50)
     history = []
     start = time.time()
     model.train()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import time
 from types import SimpleNamespace
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from lavis_free.common.config import FreeConfig
 from lavis_free.datasets.shapes_scene import COLOURS, POSITIONS, SHAPES, SIZES, Scene, render_scene, sample_scene, scene_rng
 from lavis_free.models.blip2_components import OfflineBlip2, plain
-from lavis_free.pretraining.components import save_component
+from lavis_free.pretraining.components import save_component, warmup_cosine
 
 CELLS: Tuple[Tuple[int, int], ...] = tuple(sorted(POSITIONS))
 # Per cell, one classification per attribute; class 0 is "empty".
@@ -71,10 +70,8 @@ def probe_loss(logits: List[torch.Tensor], targets: torch.Tensor) -> torch.Tenso
     return sum(F.cross_entropy(l.flatten(0, 1), targets[..., a].flatten()) for a, l in enumerate(logits))
 
 
-@torch.no_grad()
-def probe_accuracy(encoder: nn.Module, ln: nn.Module, probe: SceneProbe, images: torch.Tensor, targets: torch.Tensor) -> Dict[str, float]:
+def probe_accuracy(logits: List[torch.Tensor], targets: torch.Tensor) -> Dict[str, float]:
     """Per attribute, the share of occupied cells read right (and of empty cells seen empty)."""
-    logits = probe(ln(encoder(images)))
     occupied = targets[..., 0] > 0
     out = {name: (logits[a].argmax(-1) == targets[..., a])[occupied].float().mean().item() for a, name in enumerate(ATTRIBUTES)}
     out["empty"] = (logits[0].argmax(-1) == 0)[~occupied].float().mean().item()
@@ -94,9 +91,7 @@ def train_vision(cfg_path: str, out: str, steps: int = 3000, batch_size: int = 6
     probe = SceneProbe(tokens, encoder.num_features)
     params = [*encoder.parameters(), *ln.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    warmup = max(1, steps // 30)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = warmup_cosine(optimizer, steps, warmup_fraction=1 / 30)
     val_images, val_targets = scene_batch(0, 512, processor, seed, "pretrain_val")
     start, history = time.time(), []
     encoder.train()
@@ -110,7 +105,9 @@ def train_vision(cfg_path: str, out: str, steps: int = 3000, batch_size: int = 6
         schedule.step()
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
             encoder.eval()
-            history.append({"step": step + 1, "loss": loss.item(), **probe_accuracy(encoder, ln, probe, val_images, val_targets)})
+            with torch.no_grad():
+                accuracy = probe_accuracy(probe(ln(encoder(val_images))), val_targets)
+            history.append({"step": step + 1, "loss": loss.item(), **accuracy})
             encoder.train()
             logging.info("vision step %d: %s", step + 1, history[-1])
     save_component({"visual_encoder": encoder, "ln_vision": ln}, out)
