@@ -90,7 +90,7 @@ grep -h "val metrics" "output/shapes_stage1_frozen_lm/$JOB.log" | sed 's/.*val m
 
 stage "4/7 export: $ASSETS/blip2_opt_free_shapes_frozen_lm.pth"
 "$PYTHON" -m lavis_free.models.export --checkpoint "output/shapes_stage1_frozen_lm/$JOB/checkpoint_best.pth" \
-    --base "$PRETRAINED" --out "$ASSETS/blip2_opt_free_shapes_frozen_lm.pth"
+    --base "$PRETRAINED" --model-type shapes_frozen_lm --out "$ASSETS/blip2_opt_free_shapes_frozen_lm.pth"
 
 stage "5/7 FREE exits and baselines on the frozen backbone, exit quality report"
 CFG="$CFG" TRAIN_THREADS="$TRAIN_THREADS" REPORT="$REPORT/exit_quality" DATA="$DATA" \

@@ -40,7 +40,7 @@ def test_the_text_lm_reads_exactly_the_texts_stage_1_trains_on(shapes_data_dir):
     corpus = set(text_lm.task_texts(generate_item(0, "train", 0).text, task.instructions))
     assert stage1 and stage1 <= corpus
     assert any(t.startswith("Question: ") and t.endswith("\n") for t in stage1)
-    assert len(corpus) == len(set(text_lm.corpus("train", 1, task.instructions)))
+    assert len(corpus) == len(set(text_lm.corpus("train", 1, task.instructions)[0]))
 
 
 def test_scene_targets_put_each_object_in_its_cell():
@@ -51,6 +51,12 @@ def test_scene_targets_put_each_object_in_its_cell():
     assert targets[vision.CELLS.index((0, 2))].tolist() == [3, 4, 3]  # blue, star, large (0 = empty)
     assert targets[vision.CELLS.index((2, 0))].tolist() == [1, 1, 1]
     assert int((targets.sum(1) > 0).sum()) == 2
+
+
+def _stage1_model(out):
+    """The stage-1 model section (shapes_frozen_lm's architecture, components from `out`)."""
+    cfg = FreeConfig(SimpleNamespace(cfg_path=STAGE1, options=[f"model.pretrained={out / 'pretrained.pth'}"]))
+    return cfg.model_cfg
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +74,7 @@ def test_stage_0_files_load_as_the_frozen_components_of_stage_1(components):
     out, lm, seen = components
     assert lm["steps"] > 0 and json.load(open(out / "lm.json"))["val_loss"] == lm["val_loss"]
     assert set(seen["val"]) >= {"colour", "shape", "size", "empty"}
-    cfg = OmegaConf.merge(OmegaConf.load(Blip2OPTFree.default_config_path("tiny")).model,
-                          {"load_finetuned": False, "pretrained": str(out / "pretrained.pth")})
+    cfg = _stage1_model(out)
     torch.manual_seed(1)
     model = Blip2OPTFree.from_config(cfg)
     state = torch.load(out / "pretrained.pth", weights_only=True)["model"]
@@ -93,15 +98,15 @@ def test_export_lays_the_stage_1_checkpoint_over_the_frozen_components(component
     from lavis_free.runners.checkpoint import trainable_state_dict
 
     out, _, _ = components
-    cfg = OmegaConf.merge(OmegaConf.load(Blip2OPTFree.default_config_path("tiny")).model,
-                          {"load_finetuned": False, "pretrained": str(out / "pretrained.pth"), "freeze_lm": True})
+    cfg = _stage1_model(out)
     model = Blip2OPTFree.from_config(cfg)
     with torch.no_grad():
         model.opt_proj.weight.add_(1.0)  # what stage 1 trained
     torch.save({"model": trainable_state_dict(model)}, tmp_path / "stage1.pth")
     with pytest.raises(ValueError, match="missing"):
-        export_weights(str(tmp_path / "stage1.pth"), str(tmp_path / "w.pth"))
-    export_weights(str(tmp_path / "stage1.pth"), str(tmp_path / "w.pth"), base=[str(out / "pretrained.pth")])
+        export_weights(str(tmp_path / "stage1.pth"), str(tmp_path / "w.pth"), model_type="shapes_frozen_lm")
+    export_weights(str(tmp_path / "stage1.pth"), str(tmp_path / "w.pth"), model_type="shapes_frozen_lm",
+                   base=[str(out / "pretrained.pth")])
     weights = torch.load(tmp_path / "w.pth", weights_only=True)["model"]
     assert torch.equal(weights["opt_proj.weight"], model.opt_proj.weight.half())
     pretrained = torch.load(out / "pretrained.pth", weights_only=True)["model"]

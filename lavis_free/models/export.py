@@ -46,7 +46,10 @@ def export_weights(
         loaded = load_torch_file(path, origin)
         state.update(loaded.get("model", loaded))
     model_cls = registry.get_model_class(name)
-    model = model_cls.from_config(OmegaConf.load(model_cls.default_config_path(model_type)).model)
+    # the type's architecture only: none of its weights (they may be what is being exported) nor exits
+    cfg = OmegaConf.merge(OmegaConf.load(model_cls.default_config_path(model_type)).model,
+                          {"load_finetuned": False, "pretrained": "", "exits": None, "exits_checkpoint": ""})
+    model = model_cls.from_config(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state) - _tied_aliases(expected))
     unexpected = sorted(set(state) - set(expected))

@@ -7,11 +7,14 @@ Why: BLIP-2's LM learnt its language long before it saw an image, and it stays f
 Q-Former only learns to prompt it. Here the LM reads the shapes language (captions, VQA and
 dialogue rounds of train-split scenes that need not be rendered) in exactly the text format
 stage 1 will feed it: LAVIS's text processors, the project's `run.instructions`, and the OPT
-binding's prompt-target joining (`hosts.blip2.opt_training_text`). Texts are packed into blocks
-(each starting with the tokenizer's BOS, as stage 1 starts its text after the image queries), so
-the LM sees texts at every position offset and after a context, as it will after the queries.
-Colour, shape, size and position words cannot be predicted from text alone: they are where the
-image, and depth, must help.
+binding's prompt-target joining (`hosts.blip2.opt_training_text`). Each text starts with the
+tokenizer's BOS, as stage 1 starts its text after the image queries. A *document* is all the text
+of one scene in random order, and documents are packed into blocks: so the LM sees texts at every
+position offset, and what came before a BOS is another account of the same scene, which it learns
+to read (a colour named earlier is the colour now). Stage 1's queries sit in that place. Packing
+unrelated texts instead taught the LM that nothing before a BOS matters: stage 1 against that LM
+named colours and shapes at chance after an epoch. Within one text, colour, shape, size and
+position words cannot be predicted: they are where the context (the image), and depth, must help.
 """
 from __future__ import annotations
 
@@ -54,15 +57,17 @@ def task_texts(text: ImageText, instructions: Mapping[str, str]) -> List[str]:
     return texts
 
 
-def corpus(split: str, images: int, instructions: Mapping[str, str], seed: int = 0) -> List[str]:
-    return [t for item in iter_items(seed, split, images) for t in task_texts(item.text, instructions)]
+def corpus(split: str, images: int, instructions: Mapping[str, str], seed: int = 0) -> List[List[str]]:
+    """One document per scene: its texts."""
+    return [task_texts(item.text, instructions) for item in iter_items(seed, split, images)]
 
 
-def packed_blocks(token_lists: Sequence[List[int]], block: int, rng: random.Random) -> torch.Tensor:
-    """Shuffle the texts, concatenate them and cut the stream into [N, block] rows."""
-    order = list(range(len(token_lists)))
-    rng.shuffle(order)
-    stream = [t for i in order for t in token_lists[i]]
+def packed_blocks(documents: Sequence[Sequence[List[int]]], block: int, rng: random.Random) -> torch.Tensor:
+    """Shuffle the documents and the texts within each, concatenate and cut into [N, block] rows."""
+    stream: List[int] = []
+    for d in rng.sample(range(len(documents)), len(documents)):
+        for t in rng.sample(range(len(documents[d])), len(documents[d])):
+            stream.extend(documents[d][t])
     rows = len(stream) // block
     return torch.tensor(stream[: rows * block]).view(rows, block)
 
@@ -95,13 +100,14 @@ def train_text_lm(cfg_path: str, out: str, images: int = 6000, epochs: int = 3, 
     torch.manual_seed(seed)
     model = tiny.build_opt(plain(config.model_cfg.opt_config), tokenizer)
 
-    def encode(texts: List[str]) -> List[List[int]]:
-        return [tokenizer(t).input_ids for t in texts]  # BOS first, as stage 1 puts it after the queries
+    def encode(documents: List[List[str]]) -> List[List[List[int]]]:
+        return [[tokenizer(t).input_ids for t in texts] for texts in documents]  # BOS first, as in stage 1
 
     train = encode(corpus("train", images, instructions, seed))
     val_blocks = packed_blocks(encode(corpus("val", 200, instructions, seed)), block, random.Random(seed))
     rng = random.Random(seed)
-    steps = epochs * (sum(map(len, train)) // block // batch_size)
+    tokens = sum(len(t) for texts in train for t in texts)
+    steps = epochs * (tokens // block // batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = warmup_cosine(optimizer, steps, warmup_fraction=1 / 50)
     history = []
@@ -121,7 +127,7 @@ def train_text_lm(cfg_path: str, out: str, images: int = 6000, epochs: int = 3, 
             history.append({"epoch": epoch, "val_loss": evaluate(model, val_blocks, batch_size)})
             logging.info("text LM epoch %d: val loss %.4f", epoch, history[-1]["val_loss"])
     save_component({"opt_model": model}, out)
-    summary = {"texts": len(train), "tokens": sum(map(len, train)), "steps": steps, "seconds": time.time() - start,
+    summary = {"documents": len(train), "texts": sum(map(len, train)), "tokens": tokens, "steps": steps, "seconds": time.time() - start,
                "val_loss": history[-1]["val_loss"], "history": history}
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump(summary, f, indent=1)
