@@ -4,9 +4,9 @@
 #   1. the shapes data (seed 0) into $DATA unless it is there;
 #   2. stage 0, two jobs side by side (one torch thread each, so both cores work):
 #      a. the 12-layer OPT pretrained as a text LM on the shapes language (lavis_free.pretraining.text_lm),
-#      b. the ViT pretrained to recognise scenes (lavis_free.pretraining.vision), then the Q-Former
-#         taught to read the scene off the frozen ViT (lavis_free.pretraining.qformer, BLIP-2's
-#         representation stage);
+#      b. the ViT pretrained to recognise scenes (lavis_free.pretraining.vision);
+#      then the Q-Former taught to write the scene where the frozen LM reads it
+#      (lavis_free.pretraining.qformer, BLIP-2's representation stage);
 #      merged into the stage-1 `model.pretrained` file (lavis_free.pretraining.components);
 #   3. stage 1: only the Q-Former (+ query tokens, ln_vision, projection) trains against the frozen
 #      ViT and LM, on captions, VQA and dialogue (projects/free/shapes_stage1_frozen_lm.yaml);
@@ -61,9 +61,7 @@ stage "1/7 data: $DATA"
 [[ -f "$DATA/meta.json" ]] || "$PYTHON" -m lavis_free.datasets.shapes --out "$DATA" --seed 0
 
 if [[ -n "${PRETRAINED:-}" ]]; then
-    stage "2/7 stage 0: skipped, PRETRAINED=$PRETRAINED"
-else
-stage "2/7 stage 0: text LM | ViT then Q-Former, side by side (logs: $WORK/lm.log, $WORK/vision.log, $WORK/qformer.log)"
+    stage "2/7 stage 0: text LM | ViT side by side, then the Q-Former (logs: $WORK/{lm,vision,qformer}.log)"
 OMP_NUM_THREADS=1 "$PYTHON" -m lavis_free.pretraining.text_lm --cfg-path "$STAGE1_CFG" --out "$WORK/lm.pth" \
     --no-progress "${LM_EXTRA[@]}" > "$WORK/lm.log" 2>&1 &
 LM_PID=$!
@@ -71,14 +69,16 @@ trap 'kill "$LM_PID" 2>/dev/null || true' EXIT
 OMP_NUM_THREADS=1 "$PYTHON" -m lavis_free.pretraining.vision --cfg-path "$STAGE1_CFG" --out "$WORK/vision.pth" \
     "${VISION_EXTRA[@]}" > "$WORK/vision.log" 2>&1 || { tail -n 20 "$WORK/vision.log" >&2; exit 1; }
 tail -n 1 "$WORK/vision.log"
-OMP_NUM_THREADS=1 "$PYTHON" -m lavis_free.pretraining.qformer --cfg-path "$STAGE1_CFG" --vision "$WORK/vision.pth" \
-    --out "$WORK/qformer.pth" "${QFORMER_EXTRA[@]}" > "$WORK/qformer.log" 2>&1 || { tail -n 20 "$WORK/qformer.log" >&2; exit 1; }
-tail -n 1 "$WORK/qformer.log"
 wait "$LM_PID" || { tail -n 20 "$WORK/lm.log" >&2; exit 1; }
 trap - EXIT
 tail -n 1 "$WORK/lm.log"
+"$PYTHON" -m lavis_free.pretraining.components --out "$WORK/vision_lm.pth" "$WORK/lm.pth" "$WORK/vision.pth"
+OMP_NUM_THREADS="$TRAIN_THREADS" "$PYTHON" -m lavis_free.pretraining.qformer --cfg-path "$STAGE1_CFG" \
+    --pretrained "$WORK/vision_lm.pth" --out "$WORK/qformer.pth" "${QFORMER_EXTRA[@]}" > "$WORK/qformer.log" 2>&1 \
+    || { tail -n 20 "$WORK/qformer.log" >&2; exit 1; }
+tail -n 1 "$WORK/qformer.log"
 PRETRAINED="$WORK/pretrained.pth"
-"$PYTHON" -m lavis_free.pretraining.components --out "$PRETRAINED" "$WORK/lm.pth" "$WORK/vision.pth" "$WORK/qformer.pth"
+"$PYTHON" -m lavis_free.pretraining.components --out "$PRETRAINED" "$WORK/vision_lm.pth" "$WORK/qformer.pth"
 fi
 
 stage "3/7 stage 1: Q-Former against the frozen ViT and LM (log: output/shapes_stage1_frozen_lm/$JOB.log)"
