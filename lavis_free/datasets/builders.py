@@ -1,4 +1,4 @@
-"""LAVIS dataset builders ``shapes_caption``, ``shapes_vqa`` and ``shapes_dialogue``.
+"""LAVIS dataset builders ``shapes_caption``, ``shapes_vqa``, ``shapes_dialogue``, ``visdial`` and ``shapes_visdial``.
 
 They read LAVIS-format annotations from a local data root and never touch the network (LAVIS's
 base builder downloads annotation URLs; here ``_download_data`` does nothing). Paths:
@@ -7,11 +7,16 @@ directory); annotation ``storage`` and ``images.storage`` are taken relative to 
 absolute, so real COCO-format data works by pointing these keys at it. Eval splits may name a
 COCO-format caption ground truth (``annotations.<split>.gt``), which the captioning task scores
 against. ``build_info.shards`` switches the train split to webdataset tar shards.
+
+``visdial`` (real VisDial v1.0) and ``shapes_visdial`` (the shapes dialogues in that layout) read
+the official files (:mod:`lavis_free.datasets.visdial`); their eval splits may name dense
+relevance files (``annotations.<split>.dense``), and ``images.<split>`` is the filename pattern
+(or list of patterns, the first existing file wins) of an image under ``images.storage``.
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Union
+from typing import Dict, List, Sequence, Union
 
 from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
@@ -26,6 +31,7 @@ from lavis_free.datasets.map_datasets import (
     ShapesVQAEvalDataset,
 )
 from lavis_free.datasets.shards import resolve_shards, shard_train_pipeline
+from lavis_free.datasets.visdial import DATA_HINT, VisDialDataset, VisDialEvalDataset, check_image_template
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 SPLITS = ("train", "val", "test")
@@ -53,11 +59,15 @@ class LocalDatasetBuilder(BaseDatasetBuilder):
     def data_root(self) -> str:
         return os.path.abspath(os.path.expanduser(str(self.config.build_info.storage)))
 
-    def _annotation_paths(self, storage: Union[str, List[str]], root: str) -> List[str]:
+    def missing_message(self, path: str, root: str) -> str:
+        """What to say when ``path`` (the data root or one of its files) does not exist."""
+        return missing_data_message(path, root)
+
+    def _annotation_paths(self, storage: Union[str, Sequence[str]], root: str) -> List[str]:
         paths = [_under(root, p) for p in ([storage] if isinstance(storage, str) else list(storage))]
         for path in paths:
             if not os.path.isfile(path):
-                raise FileNotFoundError(missing_data_message(path, root))
+                raise FileNotFoundError(self.missing_message(path, root))
         return paths
 
     def build(self) -> Dict[str, object]:
@@ -69,7 +79,7 @@ class LocalDatasetBuilder(BaseDatasetBuilder):
         info = self.config.build_info
         root = self.data_root()
         if not os.path.isdir(root):
-            raise FileNotFoundError(missing_data_message(root, root))
+            raise FileNotFoundError(self.missing_message(root, root))
         images = info.get("images")
         vis_root = _under(root, str(images.storage) if images is not None and images.get("storage") else ".")
         datasets: Dict[str, object] = {}
@@ -82,17 +92,21 @@ class LocalDatasetBuilder(BaseDatasetBuilder):
                 shard_files = resolve_shards(str(info.shards), root)
                 datasets[split] = shard_train_pipeline(self.kind, shard_files, vis_processor, text_processor)
                 continue
-            dataset_cls = self.train_dataset_cls if split == "train" else self.eval_dataset_cls
-            dataset = dataset_cls(
-                vis_processor=vis_processor,
-                text_processor=text_processor,
-                vis_root=vis_root,
-                ann_paths=self._annotation_paths(split_info.storage, root),
-            )
-            if split != "train" and split_info.get("gt"):
-                dataset.gt_path = _under(root, str(split_info.gt))
-            datasets[split] = dataset
+            datasets[split] = self.make_dataset(split, split_info, vis_processor, text_processor, vis_root, root)
         return datasets
+
+    def make_dataset(self, split: str, split_info, vis_processor, text_processor, vis_root: str, root: str):
+        """The map-style dataset of one split (the VisDial builders add image patterns and dense files)."""
+        dataset_cls = self.train_dataset_cls if split == "train" else self.eval_dataset_cls
+        dataset = dataset_cls(
+            vis_processor=vis_processor,
+            text_processor=text_processor,
+            vis_root=vis_root,
+            ann_paths=self._annotation_paths(split_info.storage, root),
+        )
+        if split != "train" and split_info.get("gt"):
+            dataset.gt_path = _under(root, str(split_info.gt))
+        return dataset
 
 
 @registry.register_builder("shapes_caption")
@@ -117,3 +131,60 @@ class ShapesDialogueBuilder(LocalDatasetBuilder):
     train_dataset_cls = ShapesDialogueDataset
     eval_dataset_cls = ShapesDialogueEvalDataset
     DATASET_CONFIG_DICT = {"default": os.path.join(CONFIG_DIR, "shapes_dialogue.yaml")}
+
+
+def _as_list(value) -> List[str]:
+    """A config value that is one string or a list of them."""
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+
+
+class VisDialBuilder(LocalDatasetBuilder):
+    """Official VisDial v1.0 files; ``images.<split>`` holds each split's filename pattern(s)."""
+
+    kind = "visdial"
+    train_dataset_cls = VisDialDataset
+    eval_dataset_cls = VisDialEvalDataset
+
+    def build(self) -> Dict[str, object]:
+        if self.config.build_info.get("shards"):
+            raise ValueError(f"build_info.shards is not supported by the {self.kind} builders (shards hold no "
+                             "captions or answer options); remove it")
+        return super().build()
+
+    def image_templates(self) -> Dict[str, List[str]]:
+        """Per split, its image filename pattern(s), checked now so a bad one names its config key."""
+        images = self.config.build_info.get("images") or {}
+        templates = {split: _as_list(images[split]) for split in SPLITS if images.get(split)}
+        for split, patterns in templates.items():
+            for pattern in patterns:
+                check_image_template(pattern, f"build_info.images.{split}")
+        return templates
+
+    def make_dataset(self, split: str, split_info, vis_processor, text_processor, vis_root: str, root: str):
+        dense = split_info.get("dense")
+        if dense and split == "train":
+            raise ValueError("build_info.annotations.train.dense: training does not use dense relevance (only "
+                             "val/test samples carry it); remove it")
+        dataset_cls = self.train_dataset_cls if split == "train" else self.eval_dataset_cls
+        return dataset_cls(
+            vis_processor=vis_processor,
+            text_processor=text_processor,
+            vis_root=vis_root,
+            ann_paths=self._annotation_paths(split_info.storage, root),
+            image_templates=self.image_templates(),
+            dense_paths=self._annotation_paths(dense, root) if dense else [],
+        )
+
+
+@registry.register_builder("visdial")
+class RealVisDialBuilder(VisDialBuilder):
+    DATASET_CONFIG_DICT = {"default": os.path.join(CONFIG_DIR, "visdial.yaml")}
+
+    def missing_message(self, path: str, root: str) -> str:
+        """Where real VisDial comes from, instead of the shapes generator command."""
+        return f"{path} does not exist. {DATA_HINT}; or point build_info.storage (in the project YAML) at the data."
+
+
+@registry.register_builder("shapes_visdial")
+class ShapesVisDialBuilder(VisDialBuilder):
+    DATASET_CONFIG_DICT = {"default": os.path.join(CONFIG_DIR, "shapes_visdial.yaml")}

@@ -6,7 +6,9 @@ The layout and annotation formats are those of docs/DESIGN.md ("Data formats"): 
 caption and VQAv2 shapes, so the same dataset classes read real data. The same seed and sizes
 give byte-identical files. Each image is generated from its own RNG (seed, split, index), so the
 val/test images do not depend on the train size. Image ids are ``ID_BASE[split] + index + 1``;
-question ids are ``image_id * 10 + k``.
+question ids are ``image_id * 10 + k``. The dialogues are also written in the official VisDial
+v1.0 layout (``visdial_1.0_{split}.json`` with 100 answer options per round, and dense relevance
+annotations for val and test), which :mod:`lavis_free.datasets.visdial` reads.
 """
 from __future__ import annotations
 
@@ -15,15 +17,22 @@ import hashlib
 import io
 import json
 import os
+import random
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from lavis_free.datasets.shapes_language import ImageText, describe, dialogue_context
-from lavis_free.datasets.shapes_scene import IMAGE_SIZE, Scene, render_scene, sample_scene, scene_rng
+from lavis_free.datasets.shapes_language import (
+    _ALTERNATIVES, NUMBER_WORDS, SHAPE_SYNONYMS, SIZE_SYNONYMS, ImageText, describe, dialogue_context,
+)
+from lavis_free.datasets.shapes_scene import (
+    COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, Scene, render_scene, sample_scene, scene_rng,
+)
 
-GENERATOR_VERSION = "1.2"  # 1.2: each image's scene in the caption ground truth
+# 1.2: each image's scene in the caption ground truth; 1.3: the dialogues also in the VisDial
+# v1.0 layout (options from their own RNG, so every earlier file keeps its bytes).
+GENERATOR_VERSION = "1.3"
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES: Dict[str, int] = {"train": 2000, "val": 200, "test": 200}
 ID_BASE: Dict[str, int] = {"train": 0, "val": 800_000, "test": 900_000}
@@ -107,6 +116,105 @@ def dialogue_rows(items: Sequence[ShapesItem]) -> List[dict]:
     ]
 
 
+def _unique(words: Iterable[str]) -> Tuple[str, ...]:
+    """The words without repeats, in first-seen order (so the options are deterministic)."""
+    return tuple(dict.fromkeys(words))
+
+
+def _accepted_answers() -> Dict[str, Tuple[str, ...]]:
+    """What an annotator would accept instead of each answer (dense relevance 0.5).
+
+    The synonyms the captions use, the position paraphrases of the language's ``_ALTERNATIVES``
+    (each names the same cell), "violet" for purple and a number word's digit (VQA normalisation
+    equates them). The other ``_ALTERNATIVES`` are mistakes (orange for red, no for yes): relevance 0.
+    """
+    groups: List[Tuple[str, ...]] = [*SHAPE_SYNONYMS.values(), *SIZE_SYNONYMS.values(), ("purple", "violet")]
+    groups += [(position, *paraphrases) for position, paraphrases in _ALTERNATIVES["position"].items()]
+    groups += [(word, str(number)) for number, word in enumerate(NUMBER_WORDS)]
+    return {word: tuple(w for w in group if w != word) for group in groups for word in group}
+
+
+def _answer_kinds() -> Dict[str, Tuple[str, ...]]:
+    """Every answer of a shapes dialogue with its paraphrases and likely mistakes, by kind, plus
+    two-word answers ("red circle", "small star"): single words alone are too few for 100
+    distinct options."""
+    canonical = {"color": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZE_SYNONYMS),
+                 "position": tuple(POSITIONS.values()), "yes/no": ("yes", "no")}
+    kinds = {
+        kind: _unique([*words, *(a for w in words for a in _ACCEPTED.get(w, ())),
+                       *(m for w in words for m in _ALTERNATIVES[kind].get(w, ()))])
+        for kind, words in canonical.items()
+    }
+    kinds["count"] = _unique(w for word in NUMBER_WORDS for w in (word, *_ACCEPTED[word]))
+    pairs = (("color", "shape"), ("size", "shape"), ("size", "color"))
+    kinds["phrase"] = tuple(f"{a} {b}" for first, second in pairs for a in canonical[first] for b in canonical[second])
+    return kinds
+
+
+VISDIAL_OPTIONS = 100
+_ACCEPTED = _accepted_answers()
+_KIND_OF = {word: words for words in _answer_kinds().values() for word in words}
+VISDIAL_ANSWERS: Tuple[str, ...] = tuple(sorted(_KIND_OF))  # data.answers of every shapes VisDial file
+
+
+def visdial_options(answer: str, dialog_answers: Sequence[str], rng: random.Random) -> List[str]:
+    """100 distinct answer options for a round, shuffled (``gt_index`` says where the answer went).
+
+    First the plausible ones: the answer, what annotators would also accept, the other answers
+    of its kind (every colour for a colour question) and the dialog's other answers; then
+    random others of :data:`VISDIAL_ANSWERS`.
+    """
+    plausible = _unique([answer, *_ACCEPTED.get(answer, ()), *_KIND_OF[answer], *dialog_answers])
+    others = [a for a in VISDIAL_ANSWERS if a not in plausible]
+    options = list(plausible) + rng.sample(others, VISDIAL_OPTIONS - len(plausible))
+    rng.shuffle(options)
+    return options
+
+
+def visdial_relevance(answer: str, options: Sequence[str]) -> List[float]:
+    """Dense relevance of each option: 1 for the answer, 0.5 for what annotators would also accept, else 0."""
+    accepted = _ACCEPTED.get(answer, ())
+    return [1.0 if option == answer else 0.5 if option in accepted else 0.0 for option in options]
+
+
+def visdial_files(items: Sequence[ShapesItem], seed: int, split: str) -> Dict[str, object]:
+    """The split's dialogues in the official VisDial v1.0 layout: ``visdial_1.0_{split}.json`` and,
+    for val and test, ``visdial_1.0_{split}_dense_annotations.json`` (one round per image: val a
+    drawn one, test the ``round_id`` one).
+
+    Options and the val round come from an RNG of their own per image, so the other files keep
+    their bytes. Test dialogs keep every round and answer (shapes has them); only the last round
+    has options, and ``round_id`` names it, as in the official test file.
+    """
+    questions = sorted({q for item in items for q, _ in item.text.dialog})
+    question_index = {q: i for i, q in enumerate(questions)}
+    answer_index = {a: i for i, a in enumerate(VISDIAL_ANSWERS)}
+    dialogs, dense = [], []
+    for item in items:
+        rng = random.Random(f"visdial:{seed}:{split}:{item.image_id - ID_BASE[split] - 1}")
+        answers = [a for _, a in item.text.dialog]
+        options = [visdial_options(a, answers, rng) for a in answers]
+        turns = []
+        for number, ((question, answer), opts) in enumerate(zip(item.text.dialog, options), start=1):
+            turn = {"question": question_index[question], "answer": answer_index[answer]}
+            if split != "test" or number == len(answers):
+                turn.update(answer_options=[answer_index[o] for o in opts], gt_index=opts.index(answer))
+            turns.append(turn)
+        dialog = {"image_id": item.image_id, "caption": item.text.captions[0], "dialog": turns}
+        if split == "test":
+            dialog["round_id"] = len(turns)
+        dialogs.append(dialog)
+        if split != "train":
+            number = len(turns) if split == "test" else rng.randrange(len(turns)) + 1
+            dense.append({"image_id": item.image_id, "round_id": number,
+                          "gt_relevance": visdial_relevance(answers[number - 1], options[number - 1])})
+    data = {"questions": questions, "answers": list(VISDIAL_ANSWERS), "dialogs": dialogs}
+    files: Dict[str, object] = {f"visdial_1.0_{split}.json": {"version": "1.0", "split": split, "data": data}}
+    if split != "train":
+        files[f"visdial_1.0_{split}_dense_annotations.json"] = dense
+    return files
+
+
 def _shard_sample(item: ShapesItem, png: bytes) -> dict:
     record = {
         "image_id": item.image_id,
@@ -175,6 +283,7 @@ def generate_dataset(
                  f"dialogue_{split}.json": dialogue_rows(items)}
         if split != "train":
             files[f"caption_{split}_gt.json"] = caption_gt(items)
+        files.update(visdial_files(items, seed, split))
         for name, obj in files.items():
             checksums[f"annotations/{name}"] = _write_json(os.path.join(ann_dir, name), obj)
     meta = {
