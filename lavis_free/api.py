@@ -1,7 +1,7 @@
 """`lavis_free.load_model`: LAVIS's `load_model` with a sensible default model type.
 
 Why: LAVIS requires a model type; a newcomer on an offline CPU machine should get a model that
-works there (`shapes_tiny` when its weights are shipped, else the random `tiny`) from
+works there (`shapes_frozen_lm` when its weights are shipped, else the random `tiny`) from
 `lavis_free.load_model()` alone.
 """
 from typing import Optional

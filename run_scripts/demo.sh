@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# The main job: the whole FREE pipeline on the embedded default (shapes_tiny + shapes data), on CPU.
+# The main job: the whole FREE pipeline on the embedded default (shapes_frozen_lm + shapes data), on CPU.
 #
 #   bash run_scripts/demo.sh
 #
 #   1. environment: run_scripts/setup_env.sh (creates/reuses .venv);
 #   2. data: the shapes dataset, seed 0 (python -m lavis_free.datasets.shapes);
-#   3. exit training: FREE exits on the frozen shapes_tiny (train.py, projects/free/shapes_caption.yaml);
+#   3. exit training on the frozen shapes_frozen_lm: FREE and the paper's two baselines
+#      (no_adversarial, vanilla), one train.py run each (projects/free/shapes_caption_frozen_lm.yaml);
 #   4. calibration: threshold x KV-policy sweep on val, the most aggressive threshold within
 #      1% relative CIDEr of full depth, then early exit vs full depth on test, and the oracle exit;
-#   5. exit quality: per-layer accuracy / agreement of the trained exits (teacher-forced, val);
-#   6. report: report.md + report.json + PNGs in $OUT; prints its path and a summary.
+#   5. frontier: every method (FREE, no_adversarial, vanilla, static exits) against LAVIS's own
+#      greedy generate, wall-clock and layer-count speedups (bench/frontier.py);
+#   6. where tokens leave at the calibrated threshold, by kind of word (lavis_free.evaluation.exits_by_kind);
+#   7. exit quality: per-layer accuracy / agreement of the three layouts (teacher-forced, val);
+#   8. report: report.md + report.json + PNGs in $OUT; prints its path and a summary.
 #
 # Settings (environment): OUT (default output/demo/<timestamp>), DATA (default data/shapes),
-# CFG (default projects/free/shapes_caption.yaml), TOLERANCE (default 0.01), VENV (default .venv),
+# CFG (default projects/free/shapes_caption_frozen_lm.yaml; projects/free/shapes_caption.yaml runs
+# the end-to-end `shapes_tiny` instead), TOLERANCE (default 0.01), VENV (default .venv),
 # SKIP_SETUP=1 with PYTHON=/path/to/python to use an existing environment, TRAIN_THREADS (torch
 # threads of exit training, default: every core) and OMP_NUM_THREADS (of decoding, default 1);
 # measured by bench/threads.py: on a quiet 2-core machine 2 threads train 1.55x faster than 1,
 # while batch-1 decoding of this tiny model is 0.88x as fast (see README, "Threads").
 # For quick runs: SHAPES_ARGS (e.g. "--train 64 --val 16 --test 16"), TRAIN_OPTIONS (extra
 # train.py --options, e.g. "run.max_epoch=1"), EVAL_ARGS (extra calibrate arguments, e.g.
-# "--max-samples 8 --thresholds 0.5 0.9"), QUALITY_LIMIT (caption pairs scored in step 5).
+# "--max-samples 8 --thresholds 0.5 0.9"), FRONTIER_ARGS (e.g. "--num-samples 8 --thresholds 0.5"),
+# QUALITY_LIMIT (caption pairs scored in step 7).
 # Exit training caches the frozen backbone's features (about 420 MB on the default data) in a
 # temporary directory under $TMPDIR (default /tmp), removed when the script exits, however it exits.
 set -euo pipefail
@@ -32,17 +38,18 @@ TRAIN_THREADS="${TRAIN_THREADS:-$(nproc)}"
 export VENV="${VENV:-$REPO/.venv}"
 OUT="${OUT:-output/demo/$(date +%Y%m%d%H%M%S)}"
 DATA="${DATA:-data/shapes}"
-CFG="${CFG:-projects/free/shapes_caption.yaml}"
+CFG="${CFG:-projects/free/shapes_caption_frozen_lm.yaml}"
 TOLERANCE="${TOLERANCE:-0.01}"
 QUALITY_LIMIT="${QUALITY_LIMIT:-400}"
 read -r -a SHAPES_EXTRA <<< "${SHAPES_ARGS:-}"
 read -r -a TRAIN_EXTRA <<< "${TRAIN_OPTIONS:-}"
 read -r -a EVAL_EXTRA <<< "${EVAL_ARGS:-}"
+read -r -a FRONTIER_EXTRA <<< "${FRONTIER_ARGS:-}"
 
 start=$(date +%s)
 stage() { echo; echo "== demo [$(( $(date +%s) - start )) s] $*"; }
 
-stage "1/6 environment"
+stage "1/8 environment"
 if [[ "${SKIP_SETUP:-0}" == "1" ]]; then
     PY="${PYTHON:?SKIP_SETUP=1 needs PYTHON=/path/to/python}"
     echo "using $PY (setup skipped)"
@@ -54,42 +61,61 @@ mkdir -p "$OUT"
 LOGS="$OUT/logs"
 mkdir -p "$LOGS"
 
-stage "2/6 data: $DATA"
+stage "2/8 data: $DATA"
 "$PY" -m lavis_free.datasets.shapes --out "$DATA" --seed 0 "${SHAPES_EXTRA[@]}"
 
 FEATURE_CACHE="$(mktemp -d -t lavis_free_demo_features.XXXXXX)"
 trap 'rm -rf "$FEATURE_CACHE"' EXIT
-stage "3/6 exit training: $CFG (log: $LOGS/train.log; feature cache, removed at exit: $FEATURE_CACHE)"
 DATA_OPTION="datasets.shapes_caption.build_info.storage=$DATA"
-# model.exits_checkpoint= : train from the exits' init, not from the exits shipped with the package;
-# run.test_splits=[] : step 4 evaluates on test (full depth and exits), so training need not
-OMP_NUM_THREADS="$TRAIN_THREADS" "$PY" train.py --cfg-path "$CFG" --job-id exits \
-    --options "run.output_dir=$OUT/train" "$DATA_OPTION" "model.exits_checkpoint=" "run.test_splits=[]" \
-    "run.exit_feature_cache=$FEATURE_CACHE" "${TRAIN_EXTRA[@]}" 2>&1 | tee "$LOGS/train.log"
-RUN_DIR="$OUT/train/exits"
-CKPT="$(ls "$RUN_DIR"/checkpoint_best.pth 2>/dev/null \
-    || ls "$RUN_DIR"/checkpoint_[0-9]*.pth 2>/dev/null | sort -t_ -k2 -n | tail -n 1 \
-    || ls "$RUN_DIR"/checkpoint_latest.pth 2>/dev/null || true)"
-if [[ -z "$CKPT" ]]; then
-    echo "demo: training wrote no checkpoint under $RUN_DIR (see $LOGS/train.log)" >&2
-    exit 1
-fi
-echo "trained exits: $CKPT"
-EXIT_OPTIONS=("model.exits_checkpoint=$(cd "$(dirname "$CKPT")" && pwd)/$(basename "$CKPT")" "$DATA_OPTION")
+declare -A CKPT
+for LAYOUT in free no_adversarial vanilla; do
+    stage "3/8 exit training, $LAYOUT: $CFG (log: $LOGS/train_$LAYOUT.log; feature cache, removed at exit: $FEATURE_CACHE)"
+    # model.exits_checkpoint= : train from the exits' init, not from the exits shipped with the package;
+    # run.test_splits=[] : step 4 evaluates on test (full depth and exits), so training need not
+    OMP_NUM_THREADS="$TRAIN_THREADS" "$PY" train.py --cfg-path "$CFG" --job-id "exits_$LAYOUT" \
+        --options "run.output_dir=$OUT/train" "$DATA_OPTION" "model.exits_checkpoint=" "run.test_splits=[]" \
+        "model.exits.layout=$LAYOUT" "run.exit_feature_cache=$FEATURE_CACHE" "${TRAIN_EXTRA[@]}" 2>&1 \
+        | tee "$LOGS/train_$LAYOUT.log" | grep -E "Train exits|Averaged stats|Training time" || true
+    RUN_DIR="$OUT/train/exits_$LAYOUT"
+    FOUND="$(ls "$RUN_DIR"/checkpoint_[0-9]*.pth 2>/dev/null | sort -t_ -k2 -n | tail -n 1 || true)"
+    if [[ -z "$FOUND" ]]; then
+        echo "demo: training wrote no checkpoint under $RUN_DIR (see $LOGS/train_$LAYOUT.log)" >&2
+        exit 1
+    fi
+    CKPT[$LAYOUT]="$(cd "$(dirname "$FOUND")" && pwd)/$(basename "$FOUND")"
+    echo "trained $LAYOUT exits: ${CKPT[$LAYOUT]}"
+done
+EXIT_OPTIONS=("model.exits_checkpoint=${CKPT[free]}" "$DATA_OPTION")
 
-stage "4/6 calibration on val (tolerance $TOLERANCE), early exit vs full depth on test"
+stage "4/8 calibration on val (tolerance $TOLERANCE), early exit vs full depth on test"
 "$PY" -m lavis_free.evaluation.calibrate --cfg-path "$CFG" \
-    --options "${EXIT_OPTIONS[@]}" "run.caption_scorers=[bleu,cider]" \
-    --calib-split val --test-split test --tolerance "$TOLERANCE" \
+    --options "${EXIT_OPTIONS[@]}" "run.caption_scorers=[bleu,cider]" "model.exits.inference.exit_threshold=null" \
+    --calib-split val --test-split test --tolerance "$TOLERANCE" --no-progress \
     --out "$OUT/calibration" "${EVAL_EXTRA[@]}" 2>&1 | tee "$LOGS/calibrate.log"
+THRESHOLD="$("$PY" -c "import json,sys; t=json.load(open(sys.argv[1]))['selected']['recompute']; print('' if t is None else t)" "$OUT/calibration/calibration.json")"
+echo "calibrated threshold (recompute): ${THRESHOLD:-none, exits off}"
 
-stage "5/6 exit quality of the trained exits (val)"
+stage "5/8 frontier: FREE, no_adversarial, vanilla and static exits against LAVIS greedy (test)"
+"$PY" bench/frontier.py --cfg-path "$CFG" --data "$DATA" --free "${CKPT[free]}" \
+    --no-adversarial "${CKPT[no_adversarial]}" --vanilla "${CKPT[vanilla]}" --out "$OUT/frontier" \
+    "${FRONTIER_EXTRA[@]}" > "$LOGS/frontier.log" 2>&1 || { tail -n 20 "$LOGS/frontier.log" >&2; exit 1; }
+grep "^|" "$LOGS/frontier.log"
+
+stage "6/8 where tokens leave at ${THRESHOLD:-full depth}, by kind of word (test)"
+"$PY" -m lavis_free.evaluation.exits_by_kind --cfg-path "$CFG" --split test --out "$OUT/exits_by_kind" \
+    ${THRESHOLD:+--threshold "$THRESHOLD"} --options "${EXIT_OPTIONS[@]}" 2>&1 | tee "$LOGS/exits_by_kind.log"
+
+stage "7/8 exit quality of the trained exits (val)"
 "$PY" -m lavis_free.reports.exit_quality --cfg-path "$CFG" --options "$DATA_OPTION" \
-    --free "$CKPT" --split val --limit "$QUALITY_LIMIT" --out "$OUT/exit_quality" 2>&1 | tee "$LOGS/exit_quality.log"
+    --free "${CKPT[free]}" --no-adversarial "${CKPT[no_adversarial]}" --vanilla "${CKPT[vanilla]}" \
+    --split val --limit "$QUALITY_LIMIT" --out "$OUT/exit_quality" > "$LOGS/exit_quality.log" 2>&1 \
+    || { tail -n 20 "$LOGS/exit_quality.log" >&2; exit 1; }
+grep -v "exit quality" "$LOGS/exit_quality.log" | tail -n 16
 
-stage "6/6 report"
+stage "8/8 report"
 "$PY" -m lavis_free.evaluation.report --calibration "$OUT/calibration/calibration.json" \
-    --exit-quality "$OUT/exit_quality/exit_quality.json" --out "$OUT" --no-progress
+    --exit-quality "$OUT/exit_quality/exit_quality.json" --frontier "$OUT/frontier/frontier.json" \
+    --exits-by-kind "$OUT/exits_by_kind/exits_by_kind.json" --out "$OUT" --no-progress
 
 echo
 echo "demo: done in $(( $(date +%s) - start )) s; report: $(cd "$OUT" && pwd)/report.md"

@@ -61,7 +61,9 @@ stage "1/7 data: $DATA"
 [[ -f "$DATA/meta.json" ]] || "$PYTHON" -m lavis_free.datasets.shapes --out "$DATA" --seed 0
 
 if [[ -n "${PRETRAINED:-}" ]]; then
-    stage "2/7 stage 0: text LM | ViT side by side, then the Q-Former (logs: $WORK/{lm,vision,qformer}.log)"
+    stage "2/7 stage 0: skipped, PRETRAINED=$PRETRAINED"
+else
+stage "2/7 stage 0: text LM | ViT side by side, then the Q-Former (logs: $WORK/{lm,vision,qformer}.log)"
 OMP_NUM_THREADS=1 "$PYTHON" -m lavis_free.pretraining.text_lm --cfg-path "$STAGE1_CFG" --out "$WORK/lm.pth" \
     --no-progress "${LM_EXTRA[@]}" > "$WORK/lm.log" 2>&1 &
 LM_PID=$!

@@ -236,16 +236,20 @@ def test_demo_runs_every_step_at_toy_size(tmp_path):
         "SHAPES_ARGS": "--train 8 --val 4 --test 4",
         "TRAIN_OPTIONS": "run.max_epoch=1 run.batch_size_train=4 run.warmup_steps=1",
         "EVAL_ARGS": "--thresholds 0.5 --policies recompute --no-progress", "QUALITY_LIMIT": "8",
+        "FRONTIER_ARGS": "--num-samples 2 --thresholds 0.5",
     }
     proc = subprocess.run(["bash", "run_scripts/demo.sh"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = [line.split("] ", 1)[1].split(" ", 1)[0] for line in proc.stdout.splitlines() if line.startswith("== demo [")]
-    assert stages == ["1/6", "2/6", "3/6", "4/6", "5/6", "6/6"]
+    assert stages == ["1/8", "2/8", "3/8", "3/8", "3/8", "4/8", "5/8", "6/8", "7/8", "8/8"]
     report_md = tmp_path / "out" / "report.md"
     assert f"report: {report_md}" in proc.stdout and "calibrated threshold (recompute" in proc.stdout
     report_json = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report_json["calibration"]["test"]["num_samples"] == 4 and "exit_quality" in report_json
-    for name in ("exit_histogram.png", "calib_sweep.png", "exit_quality.png"):
+    assert {r["method"] for r in report_json["frontier"]["rows"]} == {"lavis", "free", "no_adversarial", "vanilla", "static"}
+    assert set(report_json["exit_quality"]["quality"]) >= {"free", "no_adversarial", "vanilla"}
+    assert report_json["exits_by_kind"]["counts"]
+    for name in ("exit_histogram.png", "calib_sweep.png", "exit_quality.png", "frontier.png", "exits_by_kind.png"):
         assert (tmp_path / "out" / name).is_file()
     # the backbone feature cache went to a temporary directory, removed at the end
     cache = re.search(r"feature cache, removed at exit: (\S+)\)", proc.stdout).group(1)

@@ -35,18 +35,21 @@ class Blip2OPTFree(OfflineBlip2, Blip2OPT):
 
     Model types:
         - tiny: random weights, built offline in well under a second (tests)
-        - shapes_tiny: the tiny architecture trained on the synthetic shapes data (shipped)
+        - shapes_frozen_lm: the default; BLIP-2's recipe in miniature on the synthetic shapes data: a
+          pretrained, frozen ViT and 12-layer OPT, a trained Q-Former (shipped with FREE exits)
+        - shapes_tiny: the tiny architecture trained end to end on the shapes captions (shipped; the
+          end-to-end backbone shapes_frozen_lm is compared with)
         - pretrain_opt2.7b, caption_coco_opt2.7b: LAVIS's real BLIP-2 OPT-2.7B (GPU; weights from
           the network or local caches: each component hook checks before loading and, offline,
           fails at once naming the missing files, see `lavis_free.models.weights`)
     Usage:
         >>> import lavis_free
         >>> from lavis.models import load_model
-        >>> model = load_model("blip2_opt_free", "shapes_tiny")
+        >>> model = load_model("blip2_opt_free", "shapes_frozen_lm")
     """
 
     MODEL_NAME = "blip2_opt_free"
-    TRAINED_TYPE = "shapes_tiny"
+    TRAINED_TYPE = "shapes_frozen_lm"
     PRETRAINED_MODEL_CONFIG_DICT = {
         "tiny": str(CONFIG_DIR / "blip2_opt_free_tiny.yaml"),
         "shapes_tiny": str(CONFIG_DIR / "blip2_opt_free_shapes_tiny.yaml"),
