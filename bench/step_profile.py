@@ -7,9 +7,10 @@ hundreds of microseconds a layer call takes on CPU) while test captions are deco
   layer_call   the adapter's decoder-layer call of a backbone layer in a decode step (the arithmetic
                and its per-op overhead)
   layer_book   the rest of running a backbone layer: window, mask, cache reads/writes, commits
-  exit_check   an exit: its layer (with its window and cache), the frozen head, the logits
-               constraints and the decision (with its host sync)
-  engine       everything else of a decode step: embedding the last token, bookkeeping per token
+  exit_check   an exit: its layer (with its window and cache), the frozen head and the decision
+               (with its host sync)
+  engine       everything else of a decode step: embedding the last token, the logits
+               constraints (suppressed ids, min length), bookkeeping per token
 Per-layer figures divide by the backbone layer calls of decode steps.
 
     python bench/step_profile.py --model-type shapes_frozen_lm --num-samples 50 --out bench/results/step_profile
@@ -32,6 +33,7 @@ import lavis_free  # noqa: F401
 from lavis.models import load_model_and_preprocess
 
 from lavis_free.exits.engine import EarlyExitDecoder
+from lavis_free.exits.exit_block import ExitBlock, VanillaExit
 from lavis_free.hosts import exits_of
 
 
@@ -90,6 +92,19 @@ def timed_engine(totals: Dict[str, float], counts: Dict[str, int]) -> Iterator[N
             return originals["_run_exit"](self, *args, **kwargs)
         return wrap("_run_exit", lambda s: "exit_layer")(self, *args, **kwargs)
 
+    heads = {cls: cls.logits for cls in (ExitBlock, VanillaExit)}
+
+    def head_of(cls):
+        def timed(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return heads[cls](self, *args, **kwargs)
+            finally:
+                totals["exit_head"] += time.perf_counter() - start
+        return timed
+
+    for cls in heads:
+        cls.logits = head_of(cls)
     EarlyExitDecoder.prefill = prefill
     EarlyExitDecoder._run_layer = layer
     EarlyExitDecoder._run_exit = run_exit
@@ -100,6 +115,8 @@ def timed_engine(totals: Dict[str, float], counts: Dict[str, int]) -> Iterator[N
     finally:
         for name, fn in originals.items():
             setattr(EarlyExitDecoder, name, fn)
+        for cls, fn in heads.items():
+            cls.logits = fn
 
 
 def main() -> None:
@@ -131,7 +148,7 @@ def main() -> None:
                                           return_exit_stats=True, **options)
                 tokens += len(stats["exit_layers"][0])
             wall = time.perf_counter() - start
-        exit_check = totals["exit_layer"] + totals["exit_decide"]
+        exit_check = totals["exit_layer"] + totals["exit_head"] + totals["exit_decide"]
         split = {
             "image": wall - totals["generate"],
             "prefill": totals["prefill"],

@@ -74,10 +74,11 @@ for LAYOUT in free no_adversarial vanilla; do
     # run.test_splits=[] : step 4 evaluates on test (full depth and exits), so training need not
     OMP_NUM_THREADS="$TRAIN_THREADS" "$PY" train.py --cfg-path "$CFG" --job-id "exits_$LAYOUT" \
         --options "run.output_dir=$OUT/train" "$DATA_OPTION" "model.exits_checkpoint=" "run.test_splits=[]" \
-        "model.exits.layout=$LAYOUT" "run.exit_feature_cache=$FEATURE_CACHE" "${TRAIN_EXTRA[@]}" 2>&1 \
-        | tee "$LOGS/train_$LAYOUT.log" | grep -E "Train exits|Averaged stats|Training time" || true
+        "model.exits.layout=$LAYOUT" "run.exit_feature_cache=$FEATURE_CACHE" "${TRAIN_EXTRA[@]}" \
+        > "$LOGS/train_$LAYOUT.log" 2>&1 || { tail -n 30 "$LOGS/train_$LAYOUT.log" >&2; exit 1; }
+    grep -E "Train exits.*Total time|Training time" "$LOGS/train_$LAYOUT.log" || true
     RUN_DIR="$OUT/train/exits_$LAYOUT"
-    FOUND="$(ls "$RUN_DIR"/checkpoint_[0-9]*.pth 2>/dev/null | sort -t_ -k2 -n | tail -n 1 || true)"
+    FOUND="$(ls "$RUN_DIR"/checkpoint_[0-9]*.pth 2>/dev/null | sort -V | tail -n 1 || true)"
     if [[ -z "$FOUND" ]]; then
         echo "demo: training wrote no checkpoint under $RUN_DIR (see $LOGS/train_$LAYOUT.log)" >&2
         exit 1
@@ -102,8 +103,9 @@ stage "5/8 frontier: FREE, no_adversarial, vanilla and static exits against LAVI
 grep "^|" "$LOGS/frontier.log"
 
 stage "6/8 where tokens leave at ${THRESHOLD:-full depth}, by kind of word (test)"
+if [[ -n "$THRESHOLD" ]]; then DEPTH=(--threshold "$THRESHOLD"); else DEPTH=(); EXIT_OPTIONS+=("model.exits.inference.early_exit=False"); fi
 "$PY" -m lavis_free.evaluation.exits_by_kind --cfg-path "$CFG" --split test --out "$OUT/exits_by_kind" \
-    ${THRESHOLD:+--threshold "$THRESHOLD"} --options "${EXIT_OPTIONS[@]}" 2>&1 | tee "$LOGS/exits_by_kind.log"
+    "${DEPTH[@]}" --options "${EXIT_OPTIONS[@]}" 2>&1 | tee "$LOGS/exits_by_kind.log"
 
 stage "7/8 exit quality of the trained exits (val)"
 "$PY" -m lavis_free.reports.exit_quality --cfg-path "$CFG" --options "$DATA_OPTION" \

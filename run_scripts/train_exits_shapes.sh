@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train FREE exits and the paper's two baselines on the shipped `shapes_tiny` backbone, export
+# Train FREE exits and the paper's two baselines on a shipped shapes backbone (CFG; default the
+# end-to-end `shapes_tiny`, CFG=projects/free/shapes_caption_frozen_lm.yaml the default backbone), export
 # their inference checkpoints (exits only, no discriminators) and write the exit quality report:
 #   1. generate the shapes data (seed 0) into $DATA (default data/shapes) unless it is there;
 #   2. train.py with projects/free/shapes_caption.yaml once per layout: free, no_adversarial,
@@ -71,7 +72,7 @@ for LAYOUT in $LAYOUTS; do
         || { tail -n 30 "$RUN_DIR.log" >&2; exit 1; }
     echo "   $(( $(date +%s) - t0 )) s; $(grep -h 'Train exits.*Total time' "$RUN_DIR.log" | tr '\n' ' ')"
 
-    LAST="$(ls "$RUN_DIR"/checkpoint_*.pth | sort -t_ -k2 -n | tail -n 1)"
+    LAST="$(ls "$RUN_DIR"/checkpoint_[0-9]*.pth | sort -V | tail -n 1)"
     echo "== 3/4 export $LAST -> $OUT/exits_$LAYOUT.pth"
     "$PYTHON" - "$CFG" "$LAYOUT" "$LAST" "$OUT/exits_$LAYOUT.pth" "$@" <<'EOF'
 import sys

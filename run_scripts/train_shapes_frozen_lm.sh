@@ -14,8 +14,8 @@
 #   5. FREE exits and the two baselines on the frozen backbone, and the exit quality report
 #      (run_scripts/train_exits_shapes.sh with projects/free/shapes_caption_frozen_lm.yaml);
 #   6. calibration of the threshold on val captions (1% relative CIDEr), reported on test;
-#   7. each task on test at full depth and at that threshold: captions (CIDEr and per-attribute
-#      accuracy), VQA (VQAv2 accuracy), dialogue (answer accuracy).
+#   7. VQA (VQAv2 accuracy) and dialogue (answer accuracy) on test at full depth and at that
+#      threshold (captions, CIDEr and per-attribute accuracy, are in step 6's report).
 # Put the calibrated threshold printed at step 6 into
 # lavis_free/models/configs/blip2_opt_free_shapes_frozen_lm.yaml (model.exits.inference).
 #
@@ -58,7 +58,7 @@ start=$(date +%s)
 stage() { echo; echo "== frozen_lm [$(( $(date +%s) - start )) s] $*"; }
 
 stage "1/7 data: $DATA"
-[[ -f "$DATA/meta.json" ]] || "$PYTHON" -m lavis_free.datasets.shapes --out "$DATA" --seed 0
+"$PYTHON" -m lavis_free.datasets.shapes --out "$DATA" --seed 0   # always: the scenes and VisDial files need generator 1.3
 
 if [[ -n "${PRETRAINED:-}" ]]; then
     stage "2/7 stage 0: skipped, PRETRAINED=$PRETRAINED"
@@ -102,13 +102,14 @@ stage "6/7 calibration on val captions, early exit vs full depth on test"
 "$PYTHON" -m lavis_free.evaluation.calibrate --cfg-path "$CFG" --calib-split val --test-split test --tolerance 0.01 \
     --no-progress --out "$REPORT/calibrate_caption" \
     --options "model.exits.inference.exit_threshold=null" "datasets.shapes_caption.build_info.storage=$DATA"
-THRESHOLD="$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['selected']['recompute'])" "$REPORT/calibrate_caption/calibration.json")"
-echo "calibrated threshold (recompute): $THRESHOLD"
+THRESHOLD="$("$PYTHON" -c "import json,sys; t=json.load(open(sys.argv[1]))['selected']['recompute']; print('' if t is None else t)" "$REPORT/calibrate_caption/calibration.json")"
+echo "calibrated threshold (recompute): ${THRESHOLD:-none, exits off}"
+if [[ -n "$THRESHOLD" ]]; then DEPTH="model.exits.inference.exit_threshold=$THRESHOLD"; else DEPTH="model.exits.inference.early_exit=False"; fi
 
-stage "7/7 the three tasks on test, full depth and at $THRESHOLD"
+stage "7/7 VQA and dialogue on test, full depth and at ${THRESHOLD:-full depth} (captions: step 6)"
 for TASK in vqa dialogue; do
     "$PYTHON" evaluate.py --cfg-path "projects/free/shapes_${TASK}_frozen_lm.yaml" --job-id "${TASK}_$STAMP" \
-        --options "model.exits.inference.exit_threshold=$THRESHOLD" "datasets.shapes_${TASK}.build_info.storage=$DATA" \
+        --options "$DEPTH" "datasets.shapes_${TASK}.build_info.storage=$DATA" \
         "run.output_dir=$REPORT/$TASK" > "$REPORT/$TASK.log" 2>&1 || { tail -n 30 "$REPORT/$TASK.log" >&2; exit 1; }
     grep -h '"test"' "$REPORT/$TASK/${TASK}_$STAMP/evaluate.txt" | cut -c1-400
 done

@@ -78,10 +78,14 @@ def test_scene_targets_put_each_object_in_its_cell():
     assert int((targets.sum(1) > 0).sum()) == 2
 
 
-def _stage1_model(out):
-    """The stage-1 model section (shapes_frozen_lm's architecture, components from `out`)."""
-    cfg = FreeConfig(SimpleNamespace(cfg_path=STAGE1, options=[f"model.pretrained={out / 'pretrained.pth'}"]))
+def _stage1_model_from(pretrained):
+    """The stage-1 model section (shapes_frozen_lm's architecture, components from `pretrained`)."""
+    cfg = FreeConfig(SimpleNamespace(cfg_path=STAGE1, options=[f"model.pretrained={pretrained}"]))
     return cfg.model_cfg
+
+
+def _stage1_model(out):
+    return _stage1_model_from(out / "pretrained.pth")
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +96,11 @@ def components(tmp_path_factory):
     merge_components([str(out / "lm.pth"), str(out / "vision.pth")], str(out / "vision_lm.pth"))
     read = qformer.train_qformer(STAGE1, str(out / "vision_lm.pth"), str(out / "qformer.pth"), steps=2, batch_size=4, progress=False)
     assert 0 <= read["val"]["prefix_word_accuracy"] <= 1
+    trained = torch.load(out / "qformer.pth", weights_only=True)["model"]
+    torch.manual_seed(0)  # train_qformer's seed: the same initial weights
+    initial = Blip2OPTFree.from_config(_stage1_model_from(out / "vision_lm.pth")).state_dict()
+    assert not torch.equal(trained["opt_proj.weight"], initial["opt_proj.weight"])
+    assert not torch.equal(trained["query_tokens"], initial["query_tokens"])
     merge_components([str(out / "vision_lm.pth"), str(out / "qformer.pth")], str(out / "pretrained.pth"))
     return out, lm, seen
 

@@ -37,7 +37,7 @@ _WORD_KIND: Dict[str, str] = {
 }
 
 
-def token_kinds(tokenizer, caption: str, eos: int) -> List[str]:
+def token_kinds(tokenizer, caption: str) -> List[str]:
     """The kind of each token the LM emitted for `caption` (its BPE pieces, then EOS)."""
     ids = tokenizer(caption, add_special_tokens=False).input_ids
     return [_WORD_KIND.get(tokenizer.decode([i]).strip().lower(), "function") for i in ids] + ["end"]
@@ -45,7 +45,7 @@ def token_kinds(tokenizer, caption: str, eos: int) -> List[str]:
 
 def histogram(model, dataset, threshold: Optional[float], batch_size: int = 16, max_length: int = 20) -> Dict:
     host = exits_of(model)
-    tokenizer, eos = model.opt_tokenizer, host.binding.special_ids(model).eos_token_id
+    tokenizer = model.opt_tokenizer
     counts: Dict[str, Counter] = defaultdict(Counter)
     skipped = 0
     options = {} if threshold is None else {"exit_threshold": threshold}
@@ -54,7 +54,9 @@ def histogram(model, dataset, threshold: Optional[float], batch_size: int = 16, 
             image = torch.stack([dataset[i]["image"] for i in range(start, min(start + batch_size, len(dataset)))])
             captions, stats = model.generate({"image": image}, num_beams=1, max_length=max_length, return_exit_stats=True, **options)
             for caption, layers in zip(captions, stats["exit_layers"]):
-                kinds = token_kinds(tokenizer, caption, eos)
+                kinds = token_kinds(tokenizer, caption)
+                if len(kinds) == len(layers) + 1:  # stopped by max_length, before any EOS
+                    kinds = kinds[:-1]
                 if len(kinds) != len(layers):  # the caption's BPE differs from the emitted ids
                     skipped += 1
                     continue

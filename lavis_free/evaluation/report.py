@@ -111,7 +111,7 @@ def exits_by_kind_markdown(histogram: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = (("sweep", "Threshold sweep", sweep_markdown), ("exit_quality", "Exit quality (exit training)", None),
+SECTIONS = (("sweep", "Threshold sweep", sweep_markdown), ("exit_quality", "Exit quality (exit training)", exit_quality_markdown),
             ("frontier", "Speed-quality frontier per method", frontier_markdown),
             ("exits_by_kind", "Where tokens leave, by kind of word", exits_by_kind_markdown))
 
@@ -141,7 +141,7 @@ def report_markdown(report: Mapping[str, Any], images: Mapping[str, List[str]]) 
     parts += [f"![{name}]({name})" for name in images.get("calibration", []) if name != "exit_histogram.png"]
     for key, title, markdown in SECTIONS:
         if key in report:
-            parts += ["", f"## {title}", "", (markdown or exit_quality_markdown)(report[key])]
+            parts += ["", f"## {title}", "", markdown(report[key])]
             parts += [f"![{name}]({name})" for name in images.get(key, [])]
     return "\n".join(parts) + "\n"
 

@@ -147,7 +147,10 @@ def train_text_lm(cfg_path: str, out: str, images: int = 6000, epochs: int = 2, 
     val_rows = document_rows(encode(corpus("val", 200, instructions, seed)), block, tokenizer.pad_token_id, random.Random(seed))
     rng = random.Random(seed)
     tokens = sum(len(t) for _, texts in train for t in texts)
+    # rows per epoch vary a little with the shuffle; the schedule holds its last value past `steps`
     steps = epochs * (len(document_rows(train, block, tokenizer.pad_token_id, random.Random(seed))[0]) // batch_size)
+    if steps == 0:
+        raise ValueError(f"--images {images} make fewer rows than one batch of --batch-size {batch_size}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = warmup_cosine(optimizer, steps, warmup_fraction=1 / 50)
     history = []
