@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import lavis_free  # noqa: F401  (registers the plugin before LAVIS is used)
+from lavis.processors import load_processor
 from lavis_free.evaluation.plots import OUTSIDE_RIGHT, new_figure, save_figure
 from lavis_free.hosts import exits_of
 from lavis_free.models.lavis_parts import lavis_class
@@ -126,7 +127,6 @@ def main() -> None:
     config = load_config(args.cfg_path, [f"datasets.shapes_caption.build_info.storage={args.data}"])
     checkpoints = {layout: getattr(args, layout) or str(args.exits / f"exits_{layout}.pth") for layout in LAYOUTS}
     models = {layout: build_layout_model(config.model_cfg, layout, path, "cpu") for layout, path in checkpoints.items()}
-    from lavis.processors import load_processor
     vis = load_processor("blip_image_eval", {"image_size": config.model_cfg.image_size})
     rows_ann = json.loads((args.data / "annotations" / f"caption_{args.split}.json").read_text())[:args.num_samples]
     images = [vis(Image.open(args.data / r["image"]).convert("RGB")) for r in rows_ann]

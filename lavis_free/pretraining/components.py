@@ -10,6 +10,7 @@ puts each tensor where BLIP-2 keeps it and the stage-1 model needs no special lo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from typing import Dict, Optional, Sequence
@@ -20,12 +21,22 @@ from torch import nn
 from lavis_free.common.safe_load import load_torch_file
 
 
-def save_component(modules: Dict[str, nn.Module], path: str) -> None:
-    """Write the modules' float32 state dicts under their attribute names as key prefixes."""
-    state = {f"{prefix}.{key}": value.detach().float().clone() if value.is_floating_point() else value
-             for prefix, module in modules.items() for key, value in module.state_dict().items()}
+def save_state(state: Dict[str, torch.Tensor], path: str) -> None:
+    """Write a component file: ``{"model": state}``, creating its directory."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"model": state}, path)
+
+
+def save_component(modules: Dict[str, nn.Module], path: str) -> None:
+    """Write the modules' float32 state dicts under their attribute names as key prefixes."""
+    save_state({f"{prefix}.{key}": value.detach().float().clone() if value.is_floating_point() else value
+                for prefix, module in modules.items() for key, value in module.state_dict().items()}, path)
+
+
+def write_summary(path: str, summary: Dict[str, object]) -> None:
+    """The stage's figures (timing, validation history) as JSON beside its component file."""
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(summary, f, indent=1)
 
 
 def merge_components(paths: Sequence[str], out: str) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from types import SimpleNamespace
 from typing import Dict, Optional, Sequence
@@ -34,7 +33,7 @@ from tqdm import tqdm
 from lavis_free.common.config import FreeConfig
 from lavis_free.hosts.blip2 import image_queries
 from lavis_free.datasets.shapes_scene import render_scene, sample_scene, scene_rng
-from lavis_free.pretraining.components import warmup_cosine
+from lavis_free.pretraining.components import save_state, warmup_cosine, write_summary
 from lavis_free.pretraining.text_lm import prefix_ids, scene_prefix
 
 
@@ -92,11 +91,9 @@ def train_qformer(cfg_path: str, pretrained: str, out: str, steps: int = 2000, b
     state = {f"{prefix}.{k}": v.detach().clone() for prefix, module in (("Qformer", model.Qformer), ("opt_proj", model.opt_proj))
              for k, v in module.state_dict().items()}
     state["query_tokens"] = model.query_tokens.detach().clone()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    torch.save({"model": state}, out)
+    save_state(state, out)
     summary = {"steps": steps, "images": steps * batch_size, "seconds": time.time() - start, "val": history[-1], "history": history}
-    with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump(summary, f, indent=1)
+    write_summary(out, summary)
     return summary
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import time
 from types import SimpleNamespace
@@ -44,7 +43,7 @@ from lavis_free.exits.lm_batch import IGNORE_INDEX
 from lavis_free.hosts.blip2 import opt_training_text
 from lavis_free.models import tiny
 from lavis_free.models.blip2_components import plain
-from lavis_free.pretraining.components import save_component, warmup_cosine
+from lavis_free.pretraining.components import save_component, warmup_cosine, write_summary
 from lavis_free.tasks.instruct import check_instructions
 
 
@@ -172,8 +171,7 @@ def train_text_lm(cfg_path: str, out: str, images: int = 6000, epochs: int = 2, 
     save_component({"opt_model": model}, out)
     summary = {"documents": len(train), "texts": sum(len(texts) for _, texts in train), "tokens": tokens, "steps": steps, "seconds": time.time() - start,
                "val_loss": history[-1]["val_loss"], "history": history}
-    with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump(summary, f, indent=1)
+    write_summary(out, summary)
     return summary
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from lavis_free.common.config import FreeConfig
 from lavis_free.datasets.shapes_scene import COLOURS, POSITIONS, SHAPES, SIZES, Scene, render_scene, sample_scene, scene_rng
 from lavis_free.models.blip2_components import OfflineBlip2, plain
-from lavis_free.pretraining.components import save_component, warmup_cosine
+from lavis_free.pretraining.components import save_component, warmup_cosine, write_summary
 
 CELLS: Tuple[Tuple[int, int], ...] = tuple(sorted(POSITIONS))
 # Per cell, one classification per attribute; class 0 is "empty".
@@ -112,8 +111,7 @@ def train_vision(cfg_path: str, out: str, steps: int = 3000, batch_size: int = 6
             logging.info("vision step %d: %s", step + 1, history[-1])
     save_component({"visual_encoder": encoder, "ln_vision": ln}, out)
     summary = {"steps": steps, "images": steps * batch_size, "seconds": time.time() - start, "val": history[-1], "history": history}
-    with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump(summary, f, indent=1)
+    write_summary(out, summary)
     return summary
 
 
