@@ -141,7 +141,7 @@ def test_tiny_vicuna_follows_lavis_main_s_tokenizer_set_up_and_never_generates_p
         assert generated and tok.pad_token_id not in generated
     with pytest.raises(ValueError, match=r"max_length=1 leaves no token to generate .* max_len"):
         model.generate({"image": images, "prompt": "describe"}, num_beams=1, max_length=1, repetition_penalty=1.0)
-    with pytest.raises(ValueError, match=r"min_length=4 can never be reached: it counts 1 prompt token\(s\) plus at most 2 new"):
+    with pytest.raises(ValueError, match=r"min_length=4 can never be reached: it counts 1 start token\(s\) plus at most 2 generated"):
         model.generate({"image": images, "prompt": "describe"}, num_beams=1, max_length=3, min_length=4, repetition_penalty=1.0)
 
 

@@ -228,3 +228,26 @@ def test_shipped_shapes_frozen_lm_answers_questions(tmp_path, monkeypatch):
                                     prompt="Question: {} Answer:", max_len=5, early_exit=False)
     right = sum(answer == max(set(qa.answers), key=qa.answers.count) for answer, (_, qa) in zip(answers, questions))
     assert all(answers) and right >= 0.55 * len(questions), list(zip(answers, [qa.answers[0] for _, qa in questions]))
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])  # the engine, and LAVIS's own full-depth search
+def test_min_len_counts_generated_tokens_like_max_len(tmp_path, monkeypatch, num_beams):
+    """The shipped model answers in 1-2 tokens then EOS; with min_len=4 every answer has at
+    least 4 tokens before its EOS, although the prompt alone is longer than 4 tokens (counting
+    the prompt, as Hugging Face's min_length does, would change nothing), and max_len=5 still
+    caps them at 5."""
+    monkeypatch.chdir(tmp_path)
+    model, vis, txt = load_model_and_preprocess("blip2_opt_free", "shapes_frozen_lm", is_eval=True)
+    questions = [(item, qa) for item in _test_items(2) for qa in item.text.questions]
+    samples = {"image": torch.stack([vis["eval"](render_scene(item.scene)) for item, _ in questions]),
+               "text_input": [txt["eval"](qa.question) for _, qa in questions]}
+    tokenizer = model.opt_tokenizer
+
+    def lengths(**kw):
+        answers = model.predict_answers(samples, prompt="Question: {} Answer:", num_beams=num_beams, max_len=5,
+                                        early_exit=False, **kw)
+        return [len(tokenizer(" " + a, add_special_tokens=False).input_ids) for a in answers]
+
+    assert max(lengths(min_len=1)) <= 2
+    longer = lengths(min_len=4)
+    assert min(longer) >= 4 and max(longer) <= 5, longer

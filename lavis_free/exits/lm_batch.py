@@ -26,7 +26,7 @@ class LMBatch:
     attention_mask: torch.Tensor  # [B, T], 1 = real column (prompts are left-padded)
     labels: Optional[torch.Tensor] = None  # [B, T] aligned targets (training), -100 = unscored
     encoder: Optional[EncoderContext] = None  # what the decoder cross-attends to (encoder-decoder LMs)
-    prompt_length: int = 0  # decoding: prompt tokens that `min_length` counts (LAVIS / HF semantics)
+    prompt_length: int = 0  # decoding: tokens `min_length` counts besides generated ones (a decoder start token)
 
 
 def shift_to_aligned(labels: torch.Tensor) -> torch.Tensor:

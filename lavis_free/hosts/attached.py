@@ -179,10 +179,10 @@ class AttachedExits:
                              f"(it counts {decoding['max_length'] - new_tokens} start token; predict_answers: max_len)")
         lm_batch = self.binding.decode_batch(self.model, image, prompts, new_tokens)
         if decoding["min_length"] > lm_batch.prompt_length + new_tokens:
+            counted = f"{lm_batch.prompt_length} start token(s) plus " if lm_batch.prompt_length else ""
             raise ValueError(
-                f"min_length={decoding['min_length']} can never be reached: it counts {lm_batch.prompt_length} prompt "
-                f"token(s) plus at most {new_tokens} new ones from max_length={decoding['max_length']} "
-                "(predict_answers: min_len, max_len)"
+                f"min_length={decoding['min_length']} can never be reached: it counts {counted}at most {new_tokens} "
+                f"generated tokens from max_length={decoding['max_length']} (predict_answers: min_len, max_len)"
             )
         result = self.decode(lm_batch, DecodeOptions(
             max_new_tokens=new_tokens, eos_token_id=ids.eos_token_id, pad_token_id=ids.pad_token_id,

@@ -66,8 +66,9 @@ class HostBinding(ABC):
     @abstractmethod
     def decode_batch(self, model: nn.Module, image: torch.Tensor, prompts: Sequence[str], max_new_tokens: int) -> LMBatch:
         """The decoder prefix for one continuation per prompt of up to `max_new_tokens` tokens
-        (its `prompt_length` = what `min_length` counts besides generated tokens, as the host's
-        LAVIS decoding counts it); a host whose positions are bounded checks them here."""
+        (its `prompt_length` = what `min_length` counts besides generated tokens: the start token
+        where `max_length` counts it too, README "Lengths"); a host whose positions are bounded
+        checks them here."""
 
     @abstractmethod
     def decode_text(self, model: nn.Module, tokens: torch.Tensor) -> List[str]:

@@ -112,7 +112,8 @@ class Blip2OPTBinding(HostBinding):
                 f"(max_position_embeddings); use max_length <= {positions - queries.shape[1] - prompt_length}"
             )
         inputs_embeds, attention_mask = self._prefix(model, queries, atts, tokens)
-        return LMBatch(inputs_embeds, attention_mask, prompt_length=prompt_length)
+        # min_length counts generated tokens only, as max_length does (max_new_tokens)
+        return LMBatch(inputs_embeds, attention_mask)
 
     def decode_text(self, model: nn.Module, tokens: torch.Tensor) -> List[str]:
         return [text.strip() for text in model.opt_tokenizer.batch_decode(tokens, skip_special_tokens=True)]
@@ -141,7 +142,9 @@ class Blip2OPTBinding(HostBinding):
                 **sampling_only,
                 num_beams=num_beams,
                 max_new_tokens=decoding["max_length"],
-                min_length=decoding["min_length"],
+                # counted like max_length: generated tokens (LAVIS 1.0.2 passes min_length, which
+                # also counts the prompt's tokens; README "Lengths")
+                min_new_tokens=decoding["min_length"],
                 eos_token_id=model.eos_token_id,
                 pad_token_id=model.opt_tokenizer.pad_token_id,
                 repetition_penalty=decoding["repetition_penalty"],
