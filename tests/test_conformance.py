@@ -273,3 +273,46 @@ def test_propagate_fills_every_skipped_slot_with_its_layer_projection(family, mo
     assert len({row for row, _ in checked}) >= 2, checked
     for row, n in enumerate(lengths(family, result.tokens)):
         assert np.all(cache.filled[row] >= prefix + n - 1), "propagate leaves no column pending"
+
+
+# -- scoring answer options (teacher-forced, with exits) ---------------------------------------
+
+
+def _scored(family, model, image, candidates, **options):
+    """The engine scoring `candidates` [BATCH * 2, NEW] (two per prompt row) on the binding's prefix."""
+    lm_batch = binding_for(model).decode_batch(model, image, family.PROMPTS, NEW)
+    opts = DecodeOptions(NEW, family.EOS, family.PAD, exits=ExitOptions(**options), forced_tokens=candidates,
+                         suppressed_ids=binding_for(model).suppressed_ids(model))
+    return EarlyExitDecoder(exits_of(model).adapter, model.early_exits).generate(lm_batch, opts)
+
+
+@pytest.mark.parametrize("early_exit", [True, False])
+def test_scores_read_each_token_at_the_exit_the_rule_takes(family, model, image, early_exit):
+    """Two candidates per prompt, scored in one call (one prefill, repeated): the row's own
+    greedy tokens and another row's (tokens the model would not pick). Each token's log-prob is
+    the log-softmax, at that token, of the teacher-forced logits of the first exit whose
+    confidence on them passes THRESHOLD (else the final head's; always the final head's with exits
+    off or for the first token), the layers run say that exit, and nothing is counted after EOS."""
+    _, greedy, _ = engine_decode(family, model, image, early_exit=False)
+    own, other = greedy.tokens, greedy.tokens.roll(1, dims=0)
+    candidates = torch.stack([own, other], dim=1).flatten(0, 1)  # row i's candidates: rows 2i, 2i+1
+    result = _scored(family, model, image, candidates, exit_threshold=THRESHOLD, kv_policy="recompute", early_exit=early_exit)
+    assert torch.equal(result.tokens, candidates)
+    forced, prefix = family.forced_on(model, image.repeat_interleave(2, 0), [p for p in family.PROMPTS for _ in "ab"], candidates)
+    banned = list(binding_for(model).suppressed_ids(model))
+    logits_after = {layer + 1: logits for layer, logits in zip(family.EXIT_LAYERS, forced.exit_logits)}
+    logits_after[family.NUM_LAYERS] = forced.final_logits
+    for logits in logits_after.values():
+        logits[..., banned] = -float("inf")
+    taken = Counter()
+    for row, n in enumerate(lengths(family, candidates)):
+        assert (result.token_logprobs[row, n:] == 0).all()
+        for t in range(n):
+            col = prefix + t - 1
+            exits = [layer + 1 for layer in family.EXIT_LAYERS] if early_exit and t else []
+            layer = next((k for k in exits if torch.softmax(logits_after[k][row, col], -1).max() >= THRESHOLD), family.NUM_LAYERS)
+            taken[layer] += 1
+            want = torch.log_softmax(logits_after[layer][row, col].float(), -1)[candidates[row, t]]
+            assert result.layers_run[row][t] == layer, (row, t)
+            torch.testing.assert_close(result.token_logprobs[row, t], want, atol=2e-4, rtol=1e-4)
+    assert len(taken) == (len(family.EXIT_LAYERS) + 1 if early_exit else 1), taken

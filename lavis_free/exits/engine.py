@@ -14,11 +14,20 @@ windows are masked within the batched call.
 
 With exits off (`early_exit=False`, options.py) the engine is plain full-depth greedy decoding and
 gives the same tokens as Hugging Face `generate(num_beams=1)` on the same weights.
+
+Scoring (`DecodeOptions.forced_tokens`): the same loop, but each row emits its given token
+instead of the argmax, and records that token's log-probability under the logits it is emitted
+from. The exit rule is unchanged, so a token's log-probability comes from the exit the decoding
+rule would take for it at that point (its confidence is the rule's, whatever token is forced),
+and layers it skips are skipped for real: ranking answer options costs what decoding them would.
+Several candidates per prefix row (VisDial's 100 options) share one prefill: the cache is
+repeated after it.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,12 +51,25 @@ class DecodeOptions:
     min_length: int = 0  # Hugging Face semantics: counts the prefix's `prompt_length` + generated tokens
     exits: ExitOptions = FULL_DEPTH
     suppressed_ids: Tuple[int, ...] = ()  # never generated (e.g. Vicuna's added [PAD]), at every exit too
+    # Scoring: [B * n, max_new_tokens] ids each row emits (EOS, then pad), n candidates per prefix
+    # row, grouped by row (candidates of prefix row i are rows i*n .. i*n+n-1). None = decode.
+    forced_tokens: Optional[torch.Tensor] = None
 
     def validate(self, num_layers: int) -> "DecodeOptions":
         self.exits.validate(num_layers)
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is invalid: expected an integer >= 1")
         return self
+
+    def copies_per_row(self, batch: int) -> int:
+        """Rows decoded per prefix row: 1, or the forced candidates per prefix row."""
+        if self.forced_tokens is None:
+            return 1
+        rows, length = self.forced_tokens.shape
+        if rows % batch or rows == 0 or length != self.max_new_tokens:
+            raise ValueError(f"forced_tokens of shape {tuple(self.forced_tokens.shape)} must be [{batch} prefix rows x "
+                             f"candidates per row, max_new_tokens={self.max_new_tokens}]")
+        return rows // batch
 
 
 @dataclass
@@ -58,7 +80,16 @@ class DecodeResult:
     heads_run: List[List[int]]  # head applications (exit checks + final) per emitted token
     num_layers: int
     head_cost: float = 0.0  # one head in decoder-layer units
+    token_logprobs: Optional[torch.Tensor] = None  # scoring: [B, T] log-prob of each forced token, 0 after EOS
+    seconds: Dict[str, float] = field(default_factory=dict)  # "prefill" and "decode" (the token loop)
     extra: dict = field(default_factory=dict)
+
+
+def synced_clock(device: torch.device) -> float:
+    """`time.perf_counter` after the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class EarlyExitDecoder:
@@ -197,17 +228,25 @@ class EarlyExitDecoder:
         use_exits = opts.exits.enabled and bool(self.exits)
         self.prompt_length = lm_batch.prompt_length
         batch, prefix = lm_batch.attention_mask.shape
-        inputs_embeds = lm_batch.inputs_embeds
+        copies = opts.copies_per_row(batch)
+        device = lm_batch.inputs_embeds.device
+        started = synced_clock(device)
         features = self.prefill(lm_batch, opts.max_new_tokens, use_exits)
+        if copies > 1:
+            self.cache.repeat_rows(copies)
+            self.encoder = self.encoder.repeat_rows(copies) if self.encoder is not None else None
+            features = features.repeat_interleave(copies, dim=0)
+            batch *= copies
         cache = self.cache
+        prefilled = synced_clock(device)
 
-        tokens = torch.full((batch, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=inputs_embeds.device)
+        tokens = torch.full((batch, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=device)
+        logprobs = None if opts.forced_tokens is None else torch.zeros(tokens.shape, dtype=torch.float, device=device)
         layers_run = [[] for _ in range(batch)]
         exit_blocks_run = [[] for _ in range(batch)]
         heads_run = [[] for _ in range(batch)]
-        first = self._constrain(adapter.head(features), 0, opts).argmax(-1)
-        tokens[:, 0] = first
-        finished = (first == opts.eos_token_id).cpu().numpy()
+        self._emit(self._constrain(adapter.head(features), 0, opts), slice(None), 0, opts, tokens, logprobs)
+        finished = (tokens[:, 0] == opts.eos_token_id).cpu().numpy()
         for row in range(batch):
             layers_run[row].append(num_layers)
             exit_blocks_run[row].append(0)
@@ -242,7 +281,7 @@ class EarlyExitDecoder:
                 if not leave.any():
                     continue
                 leaving = going[leave]
-                tokens[torch.as_tensor(leaving, device=tokens.device), step] = logits[torch.as_tensor(leave)].argmax(-1)
+                self._emit(logits[torch.as_tensor(leave)], torch.as_tensor(leaving, device=device), step, opts, tokens, logprobs)
                 for row in leaving:
                     layers_run[row].append(layer + 1)
                 if opts.exits.kv_policy == "propagate":
@@ -253,7 +292,7 @@ class EarlyExitDecoder:
             if len(going):
                 rows_t = cache.rows(going)
                 logits = self._constrain(adapter.logits(cache.states[rows_t, col]), step, opts)
-                tokens[rows_t, step] = logits.argmax(-1)
+                self._emit(logits, rows_t, step, opts, tokens, logprobs)
                 for row in going:
                     layers_run[row].append(num_layers)
             reached_head = set(going.tolist())
@@ -262,6 +301,8 @@ class EarlyExitDecoder:
                 heads_run[row].append(int(blocks[row]) + (row in reached_head))
             done_before = torch.as_tensor(finished, device=tokens.device)
             tokens[:, step].masked_fill_(done_before, opts.pad_token_id)
+            if logprobs is not None:
+                logprobs[:, step].masked_fill_(done_before, 0.0)
             finished |= (tokens[:, step] == opts.eos_token_id).cpu().numpy()
 
         return DecodeResult(
@@ -271,7 +312,21 @@ class EarlyExitDecoder:
             heads_run=heads_run,
             num_layers=num_layers,
             head_cost=adapter.head_cost_in_layers(),
+            token_logprobs=logprobs,
+            seconds={"prefill": prefilled - started, "decode": synced_clock(device) - prefilled},
         )
+
+    @staticmethod
+    def _emit(logits: torch.Tensor, rows, step: int, opts: DecodeOptions, tokens: torch.Tensor,
+              logprobs: Optional[torch.Tensor]) -> None:
+        """Writes what `rows` emit at `step` from these (constrained) logits: the argmax, or when
+        scoring the forced token, with its log-probability under these logits."""
+        if opts.forced_tokens is None:
+            tokens[rows, step] = logits.argmax(-1)
+            return
+        forced = opts.forced_tokens[rows, step]
+        tokens[rows, step] = forced
+        logprobs[rows, step] = torch.log_softmax(logits.float(), dim=-1).gather(1, forced[:, None])[:, 0]
 
     def _skipped_slots(self, exit_layer: int) -> List[int]:
         deeper_layers = list(range(exit_layer + 1, self.adapter.num_layers))

@@ -62,6 +62,18 @@ class DecodeCache:
         self.filled = np.zeros((batch, num_slots), dtype=np.int64)
         self.batch = batch
 
+    def repeat_rows(self, copies: int) -> None:
+        """Each row becomes `copies` consecutive rows with the same contents (candidates that
+        share one prefix, prefilled once)."""
+        self.keys = self.keys.repeat_interleave(copies, dim=1)
+        self.values = self.values.repeat_interleave(copies, dim=1)
+        self.states = self.states.repeat_interleave(copies, dim=0)
+        self.positions = self.positions.repeat_interleave(copies, dim=0)
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid.repeat_interleave(copies, dim=0)
+        self.filled = np.repeat(self.filled, copies, axis=0)
+        self.batch *= copies
+
     def set_padding(self, prefix_mask: torch.Tensor) -> None:
         """Padding columns of the prefix are never attended to (None = no padding anywhere)."""
         if bool(prefix_mask.all()):

@@ -31,7 +31,7 @@ from lavis_free.common.safe_load import load_torch_file
 from lavis_free.exits.adapters import DecoderAdapter
 from lavis_free.exits.config import ExitConfig
 from lavis_free.exits.early_exits import BackboneOutputs, EarlyExits
-from lavis_free.exits.engine import DecodeOptions, DecodeResult, EarlyExitDecoder
+from lavis_free.exits.engine import DecodeOptions, DecodeResult, EarlyExitDecoder, synced_clock
 from lavis_free.exits.feature_cache import backbone_fingerprint
 from lavis_free.exits.options import ExitOptions
 from lavis_free.hosts.binding import HostBinding, binding_for
@@ -72,7 +72,7 @@ def attach_exits(model: nn.Module, exits: Union[None, Mapping[str, Any], ExitCon
         model.register_buffer("exit_layers", torch.tensor(config.layers, dtype=torch.long, device=device), persistent=True)
     controller = AttachedExits(model, binding, config)
     model.free_exits = controller
-    for name in ("generate", "predict_answers", "load_checkpoint", "load_from_pretrained", "optimizer_groups"):
+    for name in ("generate", "predict_answers", "score_answers", "load_checkpoint", "load_from_pretrained", "optimizer_groups"):
         setattr(model, name, getattr(controller, name))
     return model
 
@@ -177,7 +177,9 @@ class AttachedExits:
         if new_tokens < 1:
             raise ValueError(f"max_length={decoding['max_length']} leaves no token to generate for this host "
                              f"(it counts {decoding['max_length'] - new_tokens} start token; predict_answers: max_len)")
+        started = synced_clock(image.device)
         lm_batch = self.binding.decode_batch(self.model, image, prompts, new_tokens)
+        image_seconds = synced_clock(image.device) - started
         if decoding["min_length"] > lm_batch.prompt_length + new_tokens:
             counted = f"{lm_batch.prompt_length} start token(s) plus " if lm_batch.prompt_length else ""
             raise ValueError(
@@ -189,7 +191,7 @@ class AttachedExits:
             min_length=decoding["min_length"], exits=options, suppressed_ids=self.binding.suppressed_ids(self.model),
         ))
         texts = self.binding.decode_text(self.model, result.tokens)
-        return (texts, self.exit_stats(result)) if return_exit_stats else texts
+        return (texts, self.exit_stats(result, image_seconds)) if return_exit_stats else texts
 
     def generate(self, samples: Mapping[str, Any], return_exit_stats: bool = False, **kwargs: Any):
         """Captions for `samples["image"]`: the host's LAVIS `generate` signature and defaults
@@ -213,21 +215,57 @@ class AttachedExits:
         own = {name: kwargs.pop(name, default) for name, default in own_defaults.items()}
         if own["inference_method"] != "generate":
             raise ValueError(f"inference_method={own['inference_method']!r} is not supported with exits; use 'generate'")
-        prompt = own["prompt"]
-        if not isinstance(prompt, str) or (prompt and prompt.count("{}") != 1):
-            raise ValueError(f"prompt={prompt!r} must be a string with one '{{}}' where the question goes, or ''")
-        image = check_images(self.model, samples_entry(samples, "image"))
-        texts = text_batch(samples_entry(samples, "text_input"), "text_input", len(image))
-        try:
-            prompts = [prompt.format(text) for text in texts] if prompt else texts
-        except (IndexError, KeyError, ValueError) as err:
-            raise ValueError(f"prompt={prompt!r} cannot be filled ({err!r}): other braces must be doubled, {{{{ }}}}") from None
+        image, prompts = self._question_prompts(samples, own["prompt"])
         answers = self.generate_texts(image, prompts, num_beams=own["num_beams"], max_length=own["max_len"],
                                       min_length=own["min_len"], length_penalty=own["length_penalty"], **kwargs)
         if getattr(self.model, "_apply_lemmatizer", False):  # LAVIS's T5 hosts (OK-VQA configs): as they do
             texts = answers[0] if kwargs.get("return_exit_stats") else answers
             texts[:] = self.model._lemmatize(texts)
         return answers
+
+    @torch.no_grad()
+    def score_answers(self, samples: Mapping[str, Any], answer_options: Sequence[Any], prompt: Optional[str] = None,
+                      return_exit_stats: bool = False, **kwargs: Any) -> Union[torch.Tensor, Tuple[torch.Tensor, dict]]:
+        """Log-likelihood scores [B, n] of answer options (VisDial's ranking): `answer_options`
+        is one list of n strings per sample (the same n for all) or one list for every sample;
+        `samples` and `prompt` as for `predict_answers`; `kwargs` the early-exit options.
+
+        An option's score is the sum, over its tokens and the EOS after them (as the host's
+        `forward` scores an answer), of the log-probability the model gives each token after
+        the prompt and the option's earlier tokens. With exits on, each token's log-probability
+        is read at the exit the decoding rule takes for it (the first whose confidence passes
+        the threshold; see `lavis_free.exits.engine`) and its deeper layers are not run, so
+        ranking is as fast as decoding the options would be; with exits off it is the
+        full-depth likelihood. With `return_exit_stats=True`, returns `(scores, stats)` with one
+        stats row per (sample, option), sample-major."""
+        ExitOptions.check_names(kwargs, "score_answers()")
+        options = self.exit_options(**kwargs)
+        image, prompts = self._question_prompts(samples, self.binding.answer_defaults["prompt"] if prompt is None else prompt)
+        candidates = _option_lists(answer_options, len(image))
+        per_row = len(candidates[0])
+        flat = [option for row in candidates for option in row]
+        targets = self.binding.answer_tokens(self.model, [p for p in prompts for _ in range(per_row)], flat, image.device)
+        ids = self.binding.special_ids(self.model)
+        started = synced_clock(image.device)
+        lm_batch = self.binding.decode_batch(self.model, image, prompts, targets.shape[1])
+        image_seconds = synced_clock(image.device) - started
+        result = self.decode(lm_batch, DecodeOptions(
+            max_new_tokens=targets.shape[1], eos_token_id=ids.eos_token_id, pad_token_id=ids.pad_token_id,
+            exits=options, suppressed_ids=self.binding.suppressed_ids(self.model), forced_tokens=targets,
+        ))
+        scores = result.token_logprobs.sum(dim=1).view(len(image), per_row)
+        return (scores, self.exit_stats(result, image_seconds)) if return_exit_stats else scores
+
+    def _question_prompts(self, samples: Mapping[str, Any], prompt: Any) -> Tuple[torch.Tensor, List[str]]:
+        """(checked images, one prompt per image): `samples["text_input"]` put at the prompt's "{}"."""
+        if not isinstance(prompt, str) or (prompt and prompt.count("{}") != 1):
+            raise ValueError(f"prompt={prompt!r} must be a string with one '{{}}' where the question goes, or ''")
+        image = check_images(self.model, samples_entry(samples, "image"))
+        texts = text_batch(samples_entry(samples, "text_input"), "text_input", len(image))
+        try:
+            return image, ([prompt.format(text) for text in texts] if prompt else texts)
+        except (IndexError, KeyError, ValueError) as err:
+            raise ValueError(f"prompt={prompt!r} cannot be filled ({err!r}): other braces must be doubled, {{{{ }}}}") from None
 
     def _exits_not_honoured(self, unhonoured: Sequence[str], asked: bool) -> None:
         rule = (
@@ -252,8 +290,9 @@ class AttachedExits:
     def _eos(self) -> int:
         return self.binding.special_ids(self.model).eos_token_id
 
-    def exit_stats(self, result: DecodeResult) -> Dict[str, Any]:
-        """Per-sample, per-token layer counts up to and including EOS (see README)."""
+    def exit_stats(self, result: DecodeResult, image_seconds: float = 0.0) -> Dict[str, Any]:
+        """Per-sample, per-token layer counts up to and including EOS (see README), and where
+        the time went (`seconds`: image side with the prompt's embedding, prefill, token loop)."""
         lengths = [_length_to_eos(row, self._eos()) for row in result.tokens.tolist()]
         return {
             "exit_layers": [row[:n] for row, n in zip(result.layers_run, lengths)],
@@ -261,6 +300,7 @@ class AttachedExits:
             "heads_run": [row[:n] for row, n in zip(result.heads_run, lengths)],
             "num_layers": result.num_layers,
             "head_cost": result.head_cost,
+            "seconds": {"image": image_seconds, **result.seconds},
         }
 
     def full_depth_stats(self, sequences: List[List[int]]) -> Dict[str, Any]:
@@ -407,6 +447,21 @@ _LAYOUT_SETTINGS = {
     "layout": ("exits of layout", "model.exits.layout"),
     "lm_layers": ("an LM depth (decoder layers) of", "LM decoder layers"),
 }
+
+
+def _option_lists(answer_options: Any, batch: int) -> List[List[str]]:
+    """`answer_options` as one list of options per sample, all of one length, checked."""
+    if isinstance(answer_options, (list, tuple)) and answer_options and all(isinstance(o, str) for o in answer_options):
+        answer_options = [list(answer_options)] * batch
+    if (not isinstance(answer_options, (list, tuple)) or len(answer_options) != batch
+            or not all(isinstance(row, (list, tuple)) and row and all(isinstance(o, str) for o in row) for row in answer_options)):
+        raise ValueError(f"answer_options must be one non-empty list of strings for every sample, or one per sample "
+                         f"({batch} here), got {type(answer_options).__name__}"
+                         f"{f' of {len(answer_options)}' if isinstance(answer_options, (list, tuple)) else ''}")
+    sizes = sorted({len(row) for row in answer_options})
+    if len(sizes) > 1:
+        raise ValueError(f"answer_options must give every sample the same number of options, got sizes {sizes}")
+    return [list(row) for row in answer_options]
 
 
 def _length_to_eos(tokens: List[int], eos: int) -> int:

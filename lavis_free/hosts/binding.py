@@ -79,6 +79,12 @@ class HostBinding(ABC):
         """The host's own full-depth decoding (beam search, sampling, processors) of one
         continuation per prompt, with LAVIS's keyword names; returns generated ids [N, T]."""
 
+    @abstractmethod
+    def answer_tokens(self, model: nn.Module, prompts: Sequence[str], answers: Sequence[str], device: torch.device) -> torch.Tensor:
+        """[N, T] ids the LM emits for each answer after its prompt (one prompt per answer), as
+        the host's `forward` scores them: the answer's tokens, then EOS, pad after (scoring
+        answer options)."""
+
     def max_new_tokens(self, max_length: int) -> int:
         """New tokens the host's `generate(max_length=...)` produces at most (LAVIS's BLIP-2 passes
         `max_new_tokens=max_length`)."""
@@ -92,6 +98,12 @@ class HostBinding(ABC):
     def settings(self, model: nn.Module) -> Dict[str, Any]:
         """What training inputs depend on besides the weights (the feature cache's manifest)."""
         return {"prompt": getattr(model, "prompt", None), "max_txt_len": getattr(model, "max_txt_len", None)}
+
+
+def padded_rows(rows: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> torch.Tensor:
+    """Token id lists of different lengths -> [N, longest], `pad_token_id` after each."""
+    longest = max(len(row) for row in rows)
+    return torch.tensor([list(row) + [pad_token_id] * (longest - len(row)) for row in rows], dtype=torch.long, device=device)
 
 
 _BINDINGS: Dict[str, HostBinding] = {}

@@ -15,7 +15,7 @@ from transformers import BatchEncoding
 
 from lavis_free.compat.transformers_version import GENERATE_EXPANDS_MODEL_INPUTS
 from lavis_free.exits.lm_batch import IGNORE_INDEX, LMBatch, shift_to_aligned
-from lavis_free.hosts.binding import HostBinding, SpecialIds, register_host
+from lavis_free.hosts.binding import HostBinding, SpecialIds, padded_rows, register_host
 from lavis_free.hosts.inputs import check_images, samples_entry, text_batch, vision_input
 
 
@@ -78,27 +78,38 @@ class Blip2OPTBinding(HostBinding):
         return (torch.cat([queries.to(token_embeds.dtype), token_embeds], dim=1),
                 torch.cat([atts, tokens.attention_mask], dim=1))
 
-    def training_batch(self, model: nn.Module, samples: Mapping[str, Any]) -> LMBatch:
-        """Blip2OPT.forward's inputs: the text (prompt + " " + target when a prompt is given)
-        ends with "\\n"; queries, padding, the prompt and, for captions, the model's prompt
-        (`model.prompt_length` tokens) are unscored. Labels are shifted to aligned."""
-        image, prompts, targets = training_texts(model, samples)
-        queries, atts = image_queries(model, image, model.opt_proj)
+    def _scored_text(self, model: nn.Module, prompts: Sequence[str], targets: Sequence[str], device: torch.device):
+        """(tokens, causal labels) of Blip2OPT.forward's text: prompt + " " + target when a prompt
+        is given, ended by "\\n"; padding, the prompt and, for captions, the model's prompt
+        (`model.prompt_length` tokens) are unscored."""
         texts = [opt_training_text(p, x) for p, x in zip(prompts, targets)]
-        tokens = tokenize(model.opt_tokenizer, texts, image.device, "right", model.max_txt_len)
+        tokens = tokenize(model.opt_tokenizer, texts, device, "right", model.max_txt_len)
         labels = tokens.input_ids.masked_fill(tokens.attention_mask == 0, IGNORE_INDEX)
         if any(prompts):
             # the prompt's tokens (with the start token) are a prefix of the text's: the target
             # follows a space, so no BPE merge crosses the boundary
             stripped = [p.strip() for p in prompts]  # as they start the text above
-            prompt_lengths = tokenize(model.opt_tokenizer, stripped, image.device, "right", model.max_txt_len).attention_mask.sum(1)
+            prompt_lengths = tokenize(model.opt_tokenizer, stripped, device, "right", model.max_txt_len).attention_mask.sum(1)
             cols = torch.arange(labels.shape[1], device=labels.device)
             labels = labels.masked_fill(cols[None] < prompt_lengths[:, None], IGNORE_INDEX)
         elif model.prompt:
             labels[:, : int(model.prompt_length)] = IGNORE_INDEX
+        return tokens, labels
+
+    def training_batch(self, model: nn.Module, samples: Mapping[str, Any]) -> LMBatch:
+        """Blip2OPT.forward's inputs (`_scored_text` after the image queries); labels are
+        shifted to aligned."""
+        image, prompts, targets = training_texts(model, samples)
+        queries, atts = image_queries(model, image, model.opt_proj)
+        tokens, labels = self._scored_text(model, prompts, targets, image.device)
         inputs_embeds, attention_mask = self._prefix(model, queries, atts, tokens)
         causal = torch.cat([torch.full_like(atts, IGNORE_INDEX), labels], dim=1)
         return LMBatch(inputs_embeds, attention_mask, labels=shift_to_aligned(causal))
+
+    def answer_tokens(self, model: nn.Module, prompts: Sequence[str], answers: Sequence[str], device: torch.device) -> torch.Tensor:
+        _, labels = self._scored_text(model, prompts, answers, device)
+        rows = [row[row != IGNORE_INDEX].tolist() for row in labels]
+        return padded_rows(rows, model.opt_tokenizer.pad_token_id, device)
 
     def decode_batch(self, model: nn.Module, image: torch.Tensor, prompts: Sequence[str], max_new_tokens: int) -> LMBatch:
         queries, atts = image_queries(model, image, model.opt_proj)

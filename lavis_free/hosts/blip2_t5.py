@@ -55,6 +55,10 @@ class Blip2T5Binding(HostBinding):
         return model.t5_tokenizer(list(targets), padding="longest", truncation=True, max_length=model.max_txt_len,
                                   return_tensors="pt").to(device)
 
+    def answer_tokens(self, model: nn.Module, prompts: Sequence[str], answers: Sequence[str], device: torch.device) -> torch.Tensor:
+        tokens = self.target_tokens(model, answers, device)
+        return tokens.input_ids.masked_fill(tokens.attention_mask == 0, self.special_ids(model).pad_token_id)
+
     def _encode(self, model: nn.Module, image: torch.Tensor, texts: Sequence[str], truncate: bool) -> EncoderContext:
         inputs_embeds, mask = self._encoder_inputs(model, image, texts, truncate)
         with model.maybe_autocast(dtype=torch.bfloat16):

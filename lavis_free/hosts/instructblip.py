@@ -102,10 +102,7 @@ class InstructBlipVicunaBinding(HostBinding):
         tok.padding_side = "right"
         tok.truncation_side = "left"
         inputs = tok(list(prompts), return_tensors="pt", padding="longest", truncation=True, max_length=model.max_txt_len)
-        tok.truncation_side = "right"
-        outputs = tok([t + tok.eos_token for t in targets], return_tensors="pt", padding="longest", truncation=True,
-                      max_length=model.max_output_txt_len)
-        tok.truncation_side = "left"
+        outputs = self._target_encoding(model, targets)
         rows, masks, labels = [], [], []
         for i in range(len(targets)):  # [instruction, target without its bos, instruction pads]
             n = int(inputs.attention_mask[i].sum())
@@ -119,6 +116,22 @@ class InstructBlipVicunaBinding(HostBinding):
         causal = torch.cat([torch.full_like(atts, IGNORE_INDEX), torch.stack(labels).to(image.device)], dim=1)
         return LMBatch(torch.cat([queries.to(embeds.dtype), embeds], dim=1), torch.cat([atts, mask], dim=1),
                        labels=shift_to_aligned(causal))
+
+    @staticmethod
+    def _target_encoding(model: nn.Module, targets: Sequence[str]):
+        """Targets as LAVIS main's `forward` tokenizes them: each with its bos (dropped where
+        used) and EOS, right-padded, cut on the right."""
+        tok = model.llm_tokenizer
+        tok.padding_side = tok.truncation_side = "right"
+        outputs = tok([t + tok.eos_token for t in targets], return_tensors="pt", padding="longest", truncation=True,
+                      max_length=model.max_output_txt_len)
+        tok.truncation_side = "left"
+        return outputs
+
+    def answer_tokens(self, model: nn.Module, prompts: Sequence[str], answers: Sequence[str], device: torch.device) -> torch.Tensor:
+        outputs = self._target_encoding(model, answers)
+        ids = outputs.input_ids[:, 1:].masked_fill(outputs.attention_mask[:, 1:] == 0, model.llm_tokenizer.pad_token_id)
+        return ids.to(device)
 
     def decode_batch(self, model: nn.Module, image: torch.Tensor, prompts: Sequence[str], max_new_tokens: int) -> LMBatch:
         inputs_embeds, attention_mask = self._prefix(model, image, prompts)

@@ -14,6 +14,10 @@ reports them; L = the LM's depth, h = one head application in decoder-layer unit
     depth (`early_exit=False`), both timed with `time.perf_counter`; the ratio of the summed
     times. Tokens/s of each decoding are reported too (tokens and seconds summed over ranks, so
     the figure is per process).
+  - time split (`time_<part>_s`, `full_depth_time_<part>_s`): seconds of each decoding spent on
+    the image side (vision encoder, Q-Former, prompt embedding), the prefill (prompt columns
+    through every layer) and the token loop, summed over batches and ranks; they show how much
+    of a task's time exits can act on (the token loop only).
 """
 from __future__ import annotations
 
@@ -41,6 +45,12 @@ class ExitTally:
     seconds: float = 0.0
     full_tokens: int = 0
     full_seconds: float = 0.0
+    time_image: float = 0.0
+    time_prefill: float = 0.0
+    time_decode: float = 0.0
+    full_time_image: float = 0.0
+    full_time_prefill: float = 0.0
+    full_time_decode: float = 0.0
     histogram: List[int] = field(default_factory=list)  # tokens by layers run, index 0..L
 
     def add_stats(self, stats: Mapping[str, Any], seconds: float = 0.0) -> None:
@@ -64,17 +74,25 @@ class ExitTally:
                 self.run_cost += run + block + head_cost * head
                 self.histogram[run] += 1
         self.seconds += seconds
+        self._add_split(stats, "time_")
 
     def add_full_depth(self, stats: Mapping[str, Any], seconds: float) -> None:
         """Adds the timing of the same batch decoded at full depth."""
         self.full_tokens += sum(len(row) for row in stats["exit_layers"])
         self.full_seconds += seconds
+        self._add_split(stats, "full_time_")
+
+    def _add_split(self, stats: Mapping[str, Any], prefix: str) -> None:
+        """The decoding's time split (`stats["seconds"]`; absent for LAVIS's own full-depth path)."""
+        for part, seconds in stats.get("seconds", {}).items():
+            name = prefix + part
+            setattr(self, name, getattr(self, name) + float(seconds))
 
     def merge(self, other: "ExitTally") -> "ExitTally":
         if other.num_layers:
             self._set_depth(other.num_layers)
             self.histogram = [a + b for a, b in zip(self.histogram, other.histogram)]
-        for name in ("tokens", "layers_sum", "full_cost", "run_cost", "seconds", "full_tokens", "full_seconds"):
+        for name in self._SCALARS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
@@ -86,7 +104,8 @@ class ExitTally:
             self.histogram = [0] * (num_layers + 1)
 
     # -- distributed ------------------------------------------------------------------------
-    _SCALARS = ("tokens", "layers_sum", "full_cost", "run_cost", "seconds", "full_tokens", "full_seconds")
+    _SPLIT = tuple(f"{prefix}time_{part}" for prefix in ("", "full_") for part in ("image", "prefill", "decode"))
+    _SCALARS = ("tokens", "layers_sum", "full_cost", "run_cost", "seconds", "full_tokens", "full_seconds") + _SPLIT
 
     def all_reduce(self) -> "ExitTally":
         """Sums the tally over ranks (collective: every rank must call it); a no-op when
@@ -120,6 +139,9 @@ class ExitTally:
         if self.full_seconds > 0 and self.seconds > 0:
             out["full_depth_tokens_per_s"] = self.full_tokens / self.full_seconds
             out["wallclock_speedup"] = self.full_seconds / self.seconds
+        for name in self._SPLIT:
+            if getattr(self, name) > 0:
+                out[f"{name.replace('full_', 'full_depth_')}_s"] = getattr(self, name)
         return out
 
 

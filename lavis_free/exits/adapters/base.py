@@ -49,6 +49,16 @@ class EncoderContext:
             raise ValueError("select rows from the whole batch's EncoderContext, not from a selection of it")
         return replace(self, rows=rows)
 
+    def repeat_rows(self, copies: int) -> "EncoderContext":
+        """Each row as `copies` consecutive rows (memoized keys/values too), as the decode cache
+        repeats them."""
+        if self.rows is not None:
+            raise ValueError("repeat the whole batch's EncoderContext, not a selection of it")
+        memo = None if self.memo is None else {
+            layer: tuple(t.repeat_interleave(copies, dim=0) for t in kv) for layer, kv in self.memo.items()}
+        return replace(self, states=self.states.repeat_interleave(copies, dim=0),
+                       mask=self.mask.repeat_interleave(copies, dim=0), memo=memo)
+
     def cross_kv(self, layer: nn.Module, project: CrossProjection) -> Tuple[torch.Tensor, torch.Tensor]:
         """`project(encoder states)` for `layer`, for the selected rows."""
         rows = slice(None) if self.rows is None else self.rows
