@@ -152,3 +152,15 @@ def test_figures_are_summed_over_two_gloo_processes(tmp_path):
     assert summaries[0] == summaries[1]
     assert summaries[0]["num_tokens"] == 5 and summaries[0]["tokens_per_s"] == pytest.approx(5 / 4.0)
     assert summaries[0]["layer_speedup"] == pytest.approx(FULL_COST / RUN_COST)
+
+
+def test_time_split_is_summed_per_part_for_each_decoding():
+    tally = ExitTally()
+    for image, prefill, decode in ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6)):
+        tally.add_stats({**STATS, "seconds": {"image": image, "prefill": prefill, "decode": decode}}, seconds=1.0)
+    tally.add_full_depth({"exit_layers": [[12]], "seconds": {"image": 1.0, "prefill": 2.0, "decode": 4.0}}, seconds=7.0)
+    summary = tally.summary()
+    assert summary["time_image_s"] == pytest.approx(0.5) and summary["time_decode_s"] == pytest.approx(0.9)
+    assert summary["full_depth_time_prefill_s"] == pytest.approx(2.0) and summary["full_depth_time_decode_s"] == 4.0
+    merged = ExitTally().merge(tally).merge(tally).summary()
+    assert merged["time_prefill_s"] == pytest.approx(1.4)

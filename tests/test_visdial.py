@@ -201,7 +201,12 @@ def test_shapes_visdial_builder(shapes_dir):
     sample = ds["train"][1]
     assert set(sample) == {"image", "text_input", "text_output", "image_id"} and sample["image"].shape == (3, 64, 64)
     caption = _load(shapes_dir, "visdial_1.0_train.json")["data"]["dialogs"][0]["caption"]
-    assert sample["text_input"].startswith(caption.lower())
+    assert not sample["text_input"].startswith(caption.lower())  # the default's dialogue format
+    assert sample["text_input"] == ds["train"].text_processor(ds["train"].annotation[1]["dialogue_context"])
+    with_caption = _build("shapes_visdial", shapes_dir, caption_in_context=True)["train"][1]["text_input"]
+    assert with_caption == f"{caption.lower()} {sample['text_input']}"
+    with pytest.raises(ValueError, match="build_info.caption_in_context must be true or false, got 'yes'"):
+        _build("shapes_visdial", shapes_dir, caption_in_context="yes")
     val = [ds["val"][i] for i in range(len(ds["val"]))]
     assert [s["question_id"] for s in val] == [image_id * 100 + k for image_id in (800001, 800002) for k in (1, 2, 3)]
     assert sum(s["gt_relevance"] is not None for s in val) == 2
@@ -283,3 +288,39 @@ def test_retrieval_metrics_skip_rounds_without_ground_truth():
         ndcg(scores_to_ranks(scores[:1]), torch.zeros(1, 100))
     with pytest.raises(ValueError, match="gt_index values must be option indices in 0..99"):
         recall_at(scores_to_ranks(scores[:1]), torch.tensor([100]), 1)
+
+
+def test_visdial_builder_reads_a_small_tree_in_the_official_layout(tmp_path):
+    """The `visdial` builder's default config on a tiny copy of the official download: the
+    val2018/test2018 split names, VisDial's and COCO's image file names (train images in either
+    COCO folder), the val dense annotations; text_input starts with the caption."""
+    from PIL import Image
+
+    root = tmp_path / "visdial"
+    for folder, name in (("train2014", "COCO_train2014_000000000011.jpg"), ("val2014", "COCO_val2014_000000000012.jpg"),
+                         ("VisualDialog_val2018", "VisualDialog_val2018_000000000007.jpg"),
+                         ("VisualDialog_val2018", "VisualDialog_val2018_000000000009.jpg"),
+                         ("VisualDialog_test2018", "VisualDialog_test2018_000000000005.jpg")):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(root / folder / name)
+    train = _visdial("train", [{"image_id": i, "caption": "a cat", "dialog": [{"question": 0, "answer": i}]} for i in (11, 12)])
+    train["split"] = "train2018"
+    val, test = _val_file(), _test_file()
+    val["split"], test["split"] = "val2018", "test2018"
+    _write(root, "visdial_1.0_train.json", train)
+    _write(root, "visdial_1.0_val.json", val)
+    _write(root, "visdial_1.0_test.json", test)
+    _write(root, "visdial_1.0_val_dense_annotations.json",
+           [{"image_id": 7, "round_id": 2, "gt_relevance": [1.0] + [0.0] * 99}])
+    ds = _build("visdial", str(root))
+    assert (len(ds["train"]), len(ds["val"]), len(ds["test"])) == (2, 3, 1)
+    first = ds["train"][0]
+    assert first["image"].shape == (3, 224, 224) and first["text_output"] == "answer 11"
+    assert first["text_input"] == "a cat is it red?"
+    rounds = [ds["val"][i] for i in range(3)]
+    assert [r["question_id"] for r in rounds] == [701, 702, 901]
+    assert [r["gt_index"] for r in rounds] == [5, 0, 99] and rounds[0]["answer_options"][5] == "answer 3"
+    assert rounds[1]["text_input"] == "a red square is it red? answer 3 where is it?"
+    assert rounds[0]["gt_relevance"] is None and rounds[1]["gt_relevance"][0] == 1.0
+    opened = ds["test"][0]
+    assert opened["question_id"] == 502 and opened["gt_index"] is None and len(opened["answer_options"]) == 100

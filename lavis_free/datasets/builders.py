@@ -173,7 +173,14 @@ class VisDialBuilder(LocalDatasetBuilder):
             ann_paths=self._annotation_paths(split_info.storage, root),
             image_templates=self.image_templates(),
             dense_paths=self._annotation_paths(dense, root) if dense else [],
+            caption_in_context=self.caption_in_context(),
         )
+
+    def caption_in_context(self) -> bool:
+        value = self.config.build_info.get("caption_in_context", True)
+        if not isinstance(value, bool):
+            raise ValueError(f"build_info.caption_in_context must be true or false, got {value!r}")
+        return value
 
 
 @registry.register_builder("visdial")

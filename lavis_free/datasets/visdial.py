@@ -185,7 +185,8 @@ def _dialog_rounds(path: str, index: int, dialog: object, split: str, questions:
         record.update({
             "dialog": index, "split": split, "image_id": image_id, "round": number,
             "question_id": question_id(image_id, number),
-            "context": visdial_context(caption, history, record["question"]), "gt_relevance": None,
+            "context": visdial_context(caption, history, record["question"]),
+            "dialogue_context": dialogue_context(history, record["question"]), "gt_relevance": None,
         })
         records.append(record)
         if record["answer"] is not None:
@@ -198,7 +199,8 @@ def read_visdial(path: str, split: Optional[str] = None, options: bool = True) -
 
     Record keys: ``dialog`` (its index in the file), ``split``, ``image_id``, ``round`` (1-based),
     ``question_id``, ``question``, ``answer`` (None for a test dialog's open round),
-    ``context`` (:func:`visdial_context`), ``answer_options`` (100 strings, or None where the
+    ``context`` (:func:`visdial_context`), ``dialogue_context`` (the same without the caption),
+    ``answer_options`` (100 strings, or None where the
     round has none), ``gt_index`` (None without an answer) and ``gt_relevance`` (None; see
     :func:`attach_relevance`). ``split`` (train, val or test), when given, must be the file's own
     (a file's "val2018"/"test2018", as real VisDial says, are val/test). ``options=False``
@@ -279,8 +281,12 @@ class _VisDialRounds(_StrictImages, BaseDataset):
     options = True  # read (and check) the answer options
 
     def __init__(self, vis_processor, text_processor, vis_root: str, ann_paths: Sequence[str],
-                 image_templates: Mapping[str, Sequence[str]], dense_paths: Sequence[str] = ()):
+                 image_templates: Mapping[str, Sequence[str]], dense_paths: Sequence[str] = (),
+                 caption_in_context: bool = True):
         super().__init__(vis_processor, text_processor, vis_root, ann_paths=[])
+        # text_input starts with the caption (VisDial's round 0), or not (a model trained on
+        # dialogues without it, as the shapes default: build_info.caption_in_context)
+        self.context_key = "context" if caption_in_context else "dialogue_context"
         self.ann_paths, self.ann_path = list(ann_paths), ann_paths[0]
         records: List[Dict[str, Any]] = []
         for path in ann_paths:
@@ -340,7 +346,7 @@ class VisDialDataset(_VisDialRounds):
         ann = self.annotation[index]
         return {
             "image": load_processed_image(self.vis_root, ann["image"], self.vis_processor),
-            "text_input": self.text_processor(ann["context"]),
+            "text_input": self.text_processor(ann[self.context_key]),
             "text_output": ann["answer"],
             "image_id": ann["image_id"],
         }
@@ -360,7 +366,7 @@ class VisDialEvalDataset(_VisDialRounds):
         relevance = ann["gt_relevance"]
         return {
             "image": load_processed_image(self.vis_root, ann["image"], self.vis_processor),
-            "text_input": self.text_processor(ann["context"]),
+            "text_input": self.text_processor(ann[self.context_key]),
             "question_id": ann["question_id"],
             "instance_id": ann["instance_id"],
             "answer_options": list(ann["answer_options"]),
