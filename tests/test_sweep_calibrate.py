@@ -236,12 +236,12 @@ def test_demo_runs_every_step_at_toy_size(tmp_path):
         "SHAPES_ARGS": "--train 8 --val 4 --test 4",
         "TRAIN_OPTIONS": "run.max_epoch=1 run.batch_size_train=4 run.warmup_steps=1",
         "EVAL_ARGS": "--thresholds 0.5 --policies recompute --no-progress", "QUALITY_LIMIT": "8",
-        "FRONTIER_ARGS": "--num-samples 2 --thresholds 0.5",
+        "FRONTIER_ARGS": "--num-samples 2 --thresholds 0.5", "TASK_SAMPLES": "6", "TASK_ARGS": "--max-samples 6",
     }
     proc = subprocess.run(["bash", "run_scripts/demo.sh"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = [line.split("] ", 1)[1].split(" ", 1)[0] for line in proc.stdout.splitlines() if line.startswith("== demo [")]
-    assert stages == ["1/8", "2/8", "3/8", "3/8", "3/8", "4/8", "5/8", "6/8", "7/8", "8/8"]
+    assert stages == ["1/10", "2/10", "3/10", "3/10", "3/10", "4/10", "5/10", "5/10", "6/10", "7/10", "8/10", "9/10", "10/10"]
     report_md = tmp_path / "out" / "report.md"
     assert f"report: {report_md}" in proc.stdout and "calibrated threshold (recompute" in proc.stdout
     report_json = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -249,7 +249,16 @@ def test_demo_runs_every_step_at_toy_size(tmp_path):
     assert {r["method"] for r in report_json["frontier"]["rows"]} == {"lavis", "free", "no_adversarial", "vanilla", "static"}
     assert set(report_json["exit_quality"]["quality"]) >= {"free", "no_adversarial", "vanilla"}
     assert report_json["exits_by_kind"]["counts"]
-    for name in ("exit_histogram.png", "calib_sweep.png", "exit_quality.png", "frontier.png", "exits_by_kind.png"):
+    rows = report_json["tasks"]["rows"]
+    assert [r["task"] for r in rows] == ["captioning", "VQA", "dialogue ranking", "dialogue answers"]
+    # test: 4 images, 4 dialogue rounds (the open one per dialog), 6 of the 20 questions (TASK_ARGS)
+    assert [r["num_samples"] for r in rows] == [4, 6, 4, 4], rows
+    assert all(r["num_tokens"] > 0 and r["time_split_ms"]["prefill"] > 0 for r in rows), rows
+    assert set(report_json["task_calibrations"]) == {"vqa", "dialogue"}
+    report_text = report_md.read_text()
+    assert "## Every task: full depth vs exits" in report_text and "### dialogue: full depth vs calibrated exits" in report_text
+    for name in ("exit_histogram.png", "calib_sweep.png", "exit_quality.png", "frontier.png", "exits_by_kind.png",
+                 "tasks.png", "vqa_calib_sweep.png", "dialogue_exit_histogram.png"):
         assert (tmp_path / "out" / name).is_file()
     # the backbone feature cache went to a temporary directory, removed at the end
     cache = re.search(r"feature cache, removed at exit: (\S+)\)", proc.stdout).group(1)

@@ -133,12 +133,13 @@ def teacher_forced_argmax(model: torch.nn.Module, call: DecodeCall, steps: int) 
 def oracle_stats(model: torch.nn.Module, calls: Sequence[DecodeCall]) -> Dict[str, Any]:
     """Exit stats (the format of `generate(return_exit_stats=True)`) of the oracle exit over
     full-depth decodes, with each decode's `min_exit_layer`; a model without exits gives full
-    depth everywhere."""
+    depth everywhere. Scoring calls (`score_answers`: forced tokens, e.g. VisDial's ranking) are
+    left out: the oracle is defined on what the model generates."""
     host = exits_of(model)
     num_layers = host.adapter.num_layers
     stats: Dict[str, Any] = {"exit_layers": [], "exit_blocks_run": [], "heads_run": [], "num_layers": num_layers,
                              "head_cost": host.adapter.head_cost_in_layers()}
-    for call in calls:
+    for call in (c for c in calls if c.options.forced_tokens is None):
         if call.options.exits.enabled:
             raise ValueError("the oracle needs full-depth decodes (early_exit=False)")
         lengths = [len(row) for row in host.exit_stats(call.result)["exit_layers"]]

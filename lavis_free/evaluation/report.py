@@ -1,11 +1,13 @@
 """One report from the evaluation outputs: report.md + report.json + the PNGs in one directory.
 
     python -m lavis_free.evaluation.report --calibration DIR/calibration.json \
-        [--sweep DIR/sweep.json] [--exit-quality DIR/exit_quality.json] --out DIR
+        [--sweep DIR/sweep.json] [--exit-quality DIR/exit_quality.json] [--tasks DIR/tasks.json \
+        --task-calibration vqa=DIR/calibration.json ...] --out DIR
 
 Gathers the calibration (calibrated threshold, test-split figures against full depth, oracle
-ceiling, calibration sweep), an optional separate sweep, and the exit-quality report of exit
-training (`lavis_free.reports.exit_quality`) when given; copies their PNGs next to report.md and
+ceiling, calibration sweep), an optional separate sweep, the exit-quality report of exit
+training (`lavis_free.reports.exit_quality`), the frontier, exits by kind, and the per-task table
+(`lavis_free.evaluation.task_table`) with one calibration per task, when given; copies their PNGs next to report.md and
 prints a short summary. Why a separate step: each input is produced by a command that can run
 on its own (and on another machine); the report only reads their JSON. Every figure names its
 unit: time per sample (one caption or answer), throughput per token, depth in decoder layers run.
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from lavis_free.evaluation.calibrate import calibration_markdown
 from lavis_free.evaluation.outputs import atomic_write, prepare_output_dir, read_result
 from lavis_free.evaluation.sweep import sweep_markdown
+from lavis_free.evaluation.task_table import parse_named, tasks_markdown
 
 # each input: the top-level keys its JSON must have and the command that writes it
 INPUTS = {
@@ -31,6 +34,7 @@ INPUTS = {
     "exit_quality": (("quality", "parameters"), "python -m lavis_free.reports.exit_quality"),
     "frontier": (("meta", "rows"), "python bench/frontier.py"),
     "exits_by_kind": (("counts", "threshold"), "python -m lavis_free.evaluation.exits_by_kind"),
+    "tasks": (("rows", "average"), "python -m lavis_free.evaluation.task_table"),
 }
 # PNGs each input's command writes next to its JSON
 COMPANION_PNGS = {
@@ -39,6 +43,7 @@ COMPANION_PNGS = {
     "exit_quality": ("exit_quality.png", "exit_parameters.png"),
     "frontier": ("frontier.png",),
     "exits_by_kind": ("exits_by_kind.png",),
+    "tasks": ("tasks.png",),
 }
 
 
@@ -111,7 +116,8 @@ def exits_by_kind_markdown(histogram: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = (("sweep", "Threshold sweep", sweep_markdown), ("exit_quality", "Exit quality (exit training)", exit_quality_markdown),
+SECTIONS = (("tasks", "Every task: full depth vs exits (the paper's table)", tasks_markdown),
+            ("sweep", "Threshold sweep", sweep_markdown), ("exit_quality", "Exit quality (exit training)", exit_quality_markdown),
             ("frontier", "Speed-quality frontier per method", frontier_markdown),
             ("exits_by_kind", "Where tokens leave, by kind of word", exits_by_kind_markdown))
 
@@ -143,27 +149,49 @@ def report_markdown(report: Mapping[str, Any], images: Mapping[str, List[str]]) 
         if key in report:
             parts += ["", f"## {title}", "", markdown(report[key])]
             parts += [f"![{name}]({name})" for name in images.get(key, [])]
+            if key == "tasks":
+                for task, result in report.get("task_calibrations", {}).items():
+                    demoted = "\n".join("##" + line if line.startswith("## ") else line
+                                         for line in calibration_markdown(result).splitlines())
+                    parts += ["", f"### {task}: full depth vs calibrated exits ({result['cfg_path']})", "", demoted]
+                    parts += [f"![{name}]({name})" for name in images.get(f"calibration:{task}", [])]
     return "\n".join(parts) + "\n"
+
+
+def _copy_pngs(source_dir: Path, names: Sequence[str], out: Path, prefix: str = "") -> List[str]:
+    """Copies the PNGs that exist into `out` (as `prefix + name`); returns their new names."""
+    copied = []
+    for name in names:
+        source, target = source_dir / name, out / f"{prefix}{name}"
+        if source.is_file():
+            if source != target.resolve():
+                atomic_write(target, source.read_bytes())
+            copied.append(target.name)
+    return copied
 
 
 def write_report(out_dir: str, calibration_path: str, sweep_path: Optional[str] = None,
                  exit_quality_path: Optional[str] = None, progress: bool = True, frontier_path: Optional[str] = None,
-                 exits_by_kind_path: Optional[str] = None) -> Dict[str, str]:
-    """Reads the inputs, copies their PNGs into `out_dir`, writes report.md and report.json."""
+                 exits_by_kind_path: Optional[str] = None, tasks_path: Optional[str] = None,
+                 task_calibration_paths: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """Reads the inputs, copies their PNGs into `out_dir`, writes report.md and report.json.
+    `task_calibration_paths` (task name -> calibration.json of that task's project) become
+    subsections of the tasks section, their PNGs prefixed with the task name."""
     out = prepare_output_dir(out_dir)
     inputs = {"calibration": calibration_path, "sweep": sweep_path, "exit_quality": exit_quality_path,
-              "frontier": frontier_path, "exits_by_kind": exits_by_kind_path}
+              "frontier": frontier_path, "exits_by_kind": exits_by_kind_path, "tasks": tasks_path}
     loaded = {k: read_result(p, f"--{k.replace('_', '-')}", *INPUTS[k]) for k, p in inputs.items() if p}
+    task_calibrations = {task: read_result(path, "--task-calibration", *INPUTS["calibration"])
+                         for task, path in (task_calibration_paths or {}).items()}
     images: Dict[str, List[str]] = {}
     for kind in tqdm([k for k in inputs if k in loaded], desc="report", disable=not progress):
-        source_dir = Path(inputs[kind]).resolve().parent
-        for name in COMPANION_PNGS[kind]:
-            source = source_dir / name
-            if source.is_file():
-                if source != (out / name).resolve():
-                    atomic_write(out / name, source.read_bytes())
-                images.setdefault(kind, []).append(name)
+        images[kind] = _copy_pngs(Path(inputs[kind]).resolve().parent, COMPANION_PNGS[kind], out)
+    for task, path in (task_calibration_paths or {}).items():
+        images[f"calibration:{task}"] = _copy_pngs(Path(path).resolve().parent, COMPANION_PNGS["calibration"], out,
+                                                   prefix=f"{task}_")
     report = build_report(loaded["calibration"], **{k: v for k, v in loaded.items() if k != "calibration"})
+    if task_calibrations:
+        report["task_calibrations"] = task_calibrations
     paths = {"md": str(out / "report.md"), "json": str(out / "report.json")}
     atomic_write(paths["json"], json.dumps(report, indent=2))
     atomic_write(paths["md"], report_markdown(report, images))
@@ -177,11 +205,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     parser.add_argument("--exit-quality", default=None, help="exit_quality.json (lavis_free.reports.exit_quality), optional")
     parser.add_argument("--frontier", default=None, help="frontier.json (bench/frontier.py), optional")
     parser.add_argument("--exits-by-kind", default=None, help="exits_by_kind.json (lavis_free.evaluation.exits_by_kind), optional")
+    parser.add_argument("--tasks", default=None, help="tasks.json (lavis_free.evaluation.task_table), optional")
+    parser.add_argument("--task-calibration", type=parse_named("--task-calibration", "vqa=DIR/calibration.json"),
+                        action="append", default=[],
+                        help="NAME=calibration.json of one task's project (a subsection of the tasks section), repeatable")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     paths = write_report(args.out, args.calibration, args.sweep, args.exit_quality, progress=not args.no_progress,
-                         frontier_path=args.frontier, exits_by_kind_path=args.exits_by_kind)
+                         frontier_path=args.frontier, exits_by_kind_path=args.exits_by_kind, tasks_path=args.tasks,
+                         task_calibration_paths=dict(args.task_calibration))
     with open(paths["json"]) as f:
         print("\n".join(json.load(f)["summary"]))
     print(f"report: {os.path.abspath(paths['md'])}")

@@ -22,10 +22,8 @@ from lavis_free.common.config import FreeConfig
 from lavis.datasets.data_utils import prepare_sample
 
 from lavis_free.common.launch import check_registered_names, setup_seeds
-from lavis_free.tasks.caption_metrics import caption_metrics
-from lavis_free.tasks.captioning import FreeCaptionTask
 from lavis_free.exits.options import ExitOptions
-from lavis_free.tasks.exit_eval import ExitEvaluator, ExitTally
+from lavis_free.tasks.exit_eval import ExitTally
 
 
 EXIT_SETTING_KEYS = ExitOptions.names()
@@ -86,7 +84,7 @@ def load_project(cfg_path: str, options: Sequence[str] = (), device: Optional[st
     task = lavis_tasks.setup_task(cfg)
     if not hasattr(task, "exit_eval"):
         raise ValueError(
-            f"run.task={cfg.run_cfg.task!r} does not report exit figures; use free_captioning, free_vqa or free_dialogue"
+            f"run.task={cfg.run_cfg.task!r} does not report exit figures; use free_captioning, free_vqa, free_dialogue or free_visdial"
         )
     datasets = task.build_datasets(cfg)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -115,8 +113,9 @@ def split_loader(project: Project, split: str, max_samples: Optional[int] = None
 
 
 def default_metric(task: Any) -> str:
-    """The headline quality metric of a task: CIDEr for captions, accuracy for answers."""
-    return "CIDEr" if isinstance(task, FreeCaptionTask) else "accuracy"
+    """The headline quality metric of a task (its `headline_metric`: CIDEr for captions,
+    accuracy for answers, MRR for VisDial)."""
+    return task.headline_metric
 
 
 def check_scored_split(project: Project, split: str, flag: str = "--split") -> None:
@@ -136,12 +135,9 @@ def scored_loader(project: Project, split: str, max_samples: Optional[int] = Non
 
 def quality_metrics(task: Any, results: List[Mapping[str, Any]], split: str) -> Dict[str, float]:
     """Scores `valid_step` results of `split` (one `scored_loader` accepted) with the task's own
-    metric function (captions: the task's `run.caption_scorers`; METEOR is slow to start, so
-    sweeps may leave it out)."""
-    gt_file = task.gt_files[split]
-    if isinstance(task, FreeCaptionTask):
-        return caption_metrics(results, gt_file, task.scorers)
-    return task.metric_fn(results, gt_file)
+    metrics (`score_results`; captions: the task's `run.caption_scorers`; METEOR is slow to
+    start, so sweeps may leave it out)."""
+    return task.score_results(results, split)
 
 
 @dataclass
@@ -151,7 +147,13 @@ class SettingRun:
     settings: Dict[str, Any]
     results: List[Mapping[str, Any]]
     metrics: Dict[str, float]
-    tally: ExitTally
+    tallies: Dict[str, ExitTally]  # per decoding of the task (`exit_decodings`; "" = generation)
+    headline: str = ""  # the decoding the task's headline metric judges (VisDial's MRR: "ranking_")
+
+    @property
+    def tally(self) -> ExitTally:
+        """The tally of the decoding the quality figure belongs to."""
+        return self.tallies[self.headline]
 
     def figures(self, metric: str) -> Dict[str, Any]:
         """The row of a sweep or report. Time is given per sample (one caption or answer) and
@@ -188,16 +190,17 @@ class SettingRun:
 
 
 def decode_split(project: Project, loader: Iterable[Any], settings: Mapping[str, Any], desc: str = "decode",
-                 progress: bool = True) -> Tuple[List[Mapping[str, Any]], ExitTally]:
-    """Runs the task's `valid_step` over the loader with `settings` added to its generate kwargs.
-    With exits enabled, each batch is also decoded at full depth right beside it, so the
-    wall-clock speedup compares timings taken under the same machine load."""
+                 progress: bool = True) -> Tuple[List[Mapping[str, Any]], Dict[str, ExitTally]]:
+    """Runs the task's `valid_step` over the loader with `settings` added to its generate kwargs;
+    returns the results and the tally of each of the task's decodings. With exits enabled, each
+    batch is also decoded at full depth right beside it, so the wall-clock speedup compares
+    timings taken under the same machine load."""
     task = project.task
     unknown = sorted(set(settings) - set(EXIT_SETTING_KEYS))
     if unknown:
         raise ValueError(f"unknown exit settings {unknown}; allowed: {EXIT_SETTING_KEYS}")
     task.generate_kwargs = {**project.base_generate_kwargs, **{k: v for k, v in settings.items() if v is not None}}
-    task.exit_eval = ExitEvaluator(compare_full_depth=ExitOptions().override(**settings).enabled)
+    task.reset_exit_evals(compare_full_depth=ExitOptions().override(**settings).enabled)
     results: List[Mapping[str, Any]] = []
     try:
         for samples in tqdm(loader, desc=desc, leave=False, disable=not progress):
@@ -210,14 +213,15 @@ def decode_split(project: Project, loader: Iterable[Any], settings: Mapping[str,
             f"{type(task).__name__}.valid_step decoded without exit stats: the model must be an "
             "early-exit model (blip2_opt_free) and valid_step must decode through self.exit_eval.decode"
         )
-    return results, task.exit_eval.tally
+    return results, {name: evaluator.tally for name, evaluator in task.exit_evals.items()}
 
 
 def run_setting(project: Project, loader: DataLoader, split: str, settings: Mapping[str, Any], desc: str = "decode",
                 progress: bool = True) -> SettingRun:
     """Decodes and scores `split` with these exit settings."""
-    results, tally = decode_split(project, loader, settings, desc=desc, progress=progress)
-    return SettingRun(dict(settings), results, quality_metrics(project.task, results, split), tally)
+    results, tallies = decode_split(project, loader, settings, desc=desc, progress=progress)
+    return SettingRun(dict(settings), results, quality_metrics(project.task, results, split), tallies,
+                      headline=project.task.headline_decoding)
 
 
 def warm_up(project: Project, loader: DataLoader, settings: Mapping[str, Any]) -> None:

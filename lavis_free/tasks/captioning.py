@@ -27,6 +27,8 @@ from lavis_free.tasks.model_building import AttachExitsMixin
 
 @registry.register_task("free_captioning")
 class FreeCaptionTask(AttachExitsMixin, ExitEvalTaskMixin, ExitTrainingMixin, CaptionTask):
+    headline_metric = "CIDEr"
+
     def __init__(self, num_beams: int, max_len: int, min_len: int, evaluate: bool, report_metric: bool = True,
                  scorers: Sequence[str] = DEFAULT_SCORERS, generate_kwargs: Optional[Dict[str, Any]] = None):
         super().__init__(num_beams, max_len, min_len, evaluate, report_metric=report_metric)
@@ -65,17 +67,22 @@ class FreeCaptionTask(AttachExitsMixin, ExitEvalTaskMixin, ExitTrainingMixin, Ca
         )
         return [{"caption": c, "image_id": int(i)} for c, i in zip(captions, samples["image_id"])]
 
+    def score_results(self, results: List[Mapping[str, Any]], split: str) -> Dict[str, float]:
+        """The caption metrics of `valid_step` results of `split` (`run.caption_scorers`; no exit figures)."""
+        if split not in self.gt_files:
+            raise KeyError(
+                f"no caption ground truth for split {split!r}: set "
+                f"datasets.<name>.build_info.annotations.{split}.gt to a COCO-format file"
+            )
+        metrics = caption_metrics(results, self.gt_files[split], self.scorers)
+        metrics["agg_metrics"] = metrics["CIDEr"]
+        return metrics
+
     @main_process
     def _report_metrics(self, eval_result_file: str, split_name: str) -> Dict[str, float]:
-        if split_name not in self.gt_files:
-            raise KeyError(
-                f"no caption ground truth for split {split_name!r}: set "
-                f"datasets.<name>.build_info.annotations.{split_name}.gt to a COCO-format file"
-            )
         with open(eval_result_file, "r") as f:
             predictions = json.load(f)
-        metrics = caption_metrics(predictions, self.gt_files[split_name], self.scorers)
-        metrics["agg_metrics"] = metrics["CIDEr"]
+        metrics = self.score_results(predictions, split_name)
         metrics.update(self.exit_metrics)
         record_metrics(split_name, metrics)
         return metrics

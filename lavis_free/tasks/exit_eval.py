@@ -202,31 +202,43 @@ class ExitEvalTaskMixin:
     `setup_task` with `.with_exit_eval(run_cfg)` (reads `run.compare_full_depth`), decode in
     `valid_step` through `self.exit_eval.decode(model.generate, ...)`, and add
     `self.exit_metrics` to the metrics it reports. `evaluation` (LAVIS's loop, on every rank)
-    resets the tally first and sums it over ranks at the end."""
+    resets the tallies first and sums them over ranks at the end.
 
+    A task that times several kinds of decoding per sample (VisDial: generating an answer and
+    ranking the options) names them in `exit_decodings`, each the prefix of its figures ("" for
+    generation), and decodes the others through `self.exit_evals[prefix]`."""
+
+    exit_decodings: Tuple[str, ...] = ("",)
+    headline_decoding = ""  # the decoding `headline_metric` judges (sweeps and calibration report its figures)
     exit_metrics: Dict[str, Any] = {}
 
     @property
-    def exit_eval(self) -> ExitEvaluator:
-        if "_exit_eval" not in self.__dict__:
-            self._exit_eval = ExitEvaluator()
-        return self._exit_eval
+    def exit_evals(self) -> Dict[str, ExitEvaluator]:
+        if "_exit_evals" not in self.__dict__:
+            self.reset_exit_evals(compare_full_depth=False)
+        return self._exit_evals
 
-    @exit_eval.setter
-    def exit_eval(self, evaluator: ExitEvaluator) -> None:
-        self._exit_eval = evaluator
+    @property
+    def exit_eval(self) -> ExitEvaluator:
+        return self.exit_evals[""]
+
+    def reset_exit_evals(self, compare_full_depth: bool) -> None:
+        """Fresh tallies for every decoding, each also timed at full depth when asked."""
+        self._exit_evals = {name: ExitEvaluator(compare_full_depth) for name in self.exit_decodings}
 
     def with_exit_eval(self, run_cfg: Mapping[str, Any]):
         compare = run_cfg.get("compare_full_depth", False)
         if not isinstance(compare, bool):
             raise ValueError(f"run.compare_full_depth must be true or false, got {compare!r}")
-        self.exit_eval = ExitEvaluator(compare)
+        self.reset_exit_evals(compare)
         return self
 
     def evaluation(self, model, data_loader, cuda_enabled: bool = True):
-        self.exit_eval.reset()
+        for evaluator in self.exit_evals.values():
+            evaluator.reset()
         results = super().evaluation(model, data_loader, cuda_enabled=cuda_enabled)
-        self.exit_metrics = self.exit_eval.summary()
+        self.exit_metrics = {f"{name}{key}": value for name, evaluator in self.exit_evals.items()
+                             for key, value in evaluator.summary().items()}
         if self.exit_metrics:
             logging.info("exit figures: %s", json.dumps(self.exit_metrics))
         return results

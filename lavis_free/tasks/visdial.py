@@ -20,18 +20,13 @@ so ranks of every process are scored together.
 """
 from __future__ import annotations
 
-import json
-import logging
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
-from lavis.common.dist_utils import main_process
 from lavis.common.registry import registry
 
 from lavis_free.exits.options import ExitOptions
 from lavis_free.tasks.answer_metrics import normalize_answer
-from lavis_free.tasks.common import record_metrics
-from lavis_free.tasks.exit_eval import ExitEvaluator
 from lavis_free.tasks.visdial_metrics import retrieval_metrics
 from lavis_free.tasks.vqa import FreeVQATask
 
@@ -45,6 +40,9 @@ def _flag(key: str, value: Any) -> bool:
 @registry.register_task("free_visdial")
 class FreeVisDialTask(FreeVQATask):
     result_name = "visdial_result"
+    headline_metric = "mrr"
+    exit_decodings = ("", "ranking_")
+    headline_decoding = "ranking_"
 
     @classmethod
     def setup_task(cls, cfg) -> "FreeVisDialTask":
@@ -54,7 +52,6 @@ class FreeVisDialTask(FreeVQATask):
         task.generate_answers = _flag("generate_answers", run_cfg.get("generate_answers", True))
         if not (task.rank_options or task.generate_answers):
             raise ValueError("run.rank_options and run.generate_answers are both false: nothing to evaluate")
-        task.rank_eval = ExitEvaluator(task.exit_eval.compare_full_depth)
         return task
 
     def valid_step(self, model, samples: Mapping[str, Any]) -> List[Dict[str, Any]]:
@@ -63,7 +60,7 @@ class FreeVisDialTask(FreeVQATask):
         scores: Optional[torch.Tensor] = None
         if self.rank_options:
             exit_options = {k: v for k, v in self.generate_kwargs.items() if k in ExitOptions.names()}
-            scores = self.rank_eval.decode(model.score_answers, samples, samples["answer_options"], prompt=self.prompt,
+            scores = self.exit_evals["ranking_"].decode(model.score_answers, samples, samples["answer_options"], prompt=self.prompt,
                                            **exit_options)
         rows = []
         for i in range(count):
@@ -78,23 +75,9 @@ class FreeVisDialTask(FreeVQATask):
             })
         return rows
 
-    def evaluation(self, model, data_loader, cuda_enabled: bool = True):
-        self.rank_eval.reset()
-        results = super().evaluation(model, data_loader, cuda_enabled=cuda_enabled)
-        ranking = self.rank_eval.summary()
-        if ranking:
-            logging.info("ranking exit figures: %s", json.dumps(ranking))
-        self.exit_metrics = {**self.exit_metrics, **{f"ranking_{k}": v for k, v in ranking.items()}}
-        return results
-
-    @main_process
-    def _report_metrics(self, result_file: str, split: str) -> Dict[str, float]:
-        with open(result_file, "r") as f:
-            rows = json.load(f)
-        metrics = visdial_metrics(rows)
-        metrics.update(self.exit_metrics)
-        record_metrics(split, metrics)
-        return metrics
+    def score_results(self, results: List[Mapping[str, Any]], split: str) -> Dict[str, float]:
+        """The rows carry their ground truth (module docstring): no file is read."""
+        return visdial_metrics(results)
 
 
 def visdial_metrics(rows: List[Mapping[str, Any]]) -> Dict[str, float]:

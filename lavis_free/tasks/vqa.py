@@ -25,6 +25,7 @@ from lavis_free.tasks.model_building import AttachExitsMixin
 @registry.register_task("free_vqa")
 class FreeVQATask(AttachExitsMixin, ExitEvalTaskMixin, ExitTrainingMixin, VQATask):
     result_name = "vqa_result"
+    headline_metric = "accuracy"
     metric_fn: Callable[..., Dict[str, float]] = staticmethod(vqa_metrics)
     default_inference_method = "generate"
 
@@ -78,13 +79,17 @@ class FreeVQATask(AttachExitsMixin, ExitEvalTaskMixin, ExitTrainingMixin, VQATas
         )
         return self._report_metrics(result_file=result_file, split=split_name)
 
-    @main_process
-    def _report_metrics(self, result_file: str, split: str) -> Dict[str, float]:
+    def score_results(self, results: List[Mapping[str, Any]], split: str) -> Dict[str, float]:
+        """The quality metrics of `valid_step` results of `split` (no exit figures)."""
         if split not in self.gt_files:
             raise KeyError(f"no annotation file known for split {split!r}: is it listed under build_info.annotations?")
+        return self.metric_fn(results, self.gt_files[split])
+
+    @main_process
+    def _report_metrics(self, result_file: str, split: str) -> Dict[str, float]:
         with open(result_file, "r") as f:
             predictions = json.load(f)
-        metrics = self.metric_fn(predictions, self.gt_files[split])
+        metrics = self.score_results(predictions, split)
         metrics.update(self.exit_metrics)
         record_metrics(split, metrics)
         return metrics
