@@ -37,7 +37,6 @@ import lavis_free  # noqa: F401  (registers the plugin before LAVIS is used)
 from lavis.models import load_model_and_preprocess
 
 from lavis_free.hosts import exits_of
-from lavis_free.hosts.attached import ENGINE_DECODING
 from lavis_free.models.lavis_parts import as_lavis_model, lavis_class
 from lavis_free.tasks.caption_metrics import caption_metrics
 
@@ -134,10 +133,9 @@ def main() -> None:
     rows = load_split(args.data, args.split, args.num_samples)
     images = [vis["eval"](Image.open(args.data / r["image"]).convert("RGB")) for r in rows]
     gt_path = args.data / "annotations" / f"caption_{args.split}_gt.json"
-    greedy = dict(num_beams=1, max_length=args.max_length)
+    # plain greedy, also for hosts whose generate defaults are not (InstructBLIP: repetition_penalty 1.5)
+    greedy = dict(num_beams=1, max_length=args.max_length, repetition_penalty=1.0, use_nucleus_sampling=False)
     host = exits_of(model)
-    # greedy for hosts whose generate defaults are not (InstructBLIP: repetition_penalty 1.5)
-    greedy.update({k: v for k, v in ENGINE_DECODING.items() if k in host.binding.generate_defaults and k not in greedy})
 
     configs: Dict[str, Callable] = {}
     try:

@@ -26,8 +26,9 @@ try:
 except ImportError as missing:  # transformers without LLaMA: the default stack
     varied_vicuna, VICUNA_MISSING = None, str(missing)
 
-from lavis_free.exits.engine import DecodeOptions, EarlyExitDecoder
+from lavis_free.exits.engine import BeamSettings, DecodeOptions, EarlyExitDecoder
 from lavis_free.exits.options import ExitOptions
+from lavis_free.exits.processors import token_choice
 from lavis_free.hosts import attach_exits, binding_for, exits_of
 from lavis_free.models.lavis_parts import as_lavis_model
 
@@ -98,7 +99,7 @@ def decode(model, image, monkeypatch, prompts, **kwargs):
 
     monkeypatch.setattr(host, "decode", decode_spy)
     captions, stats = model.generate(
-        {"image": image, "prompt": list(prompts)}, num_beams=1, max_length=NEW, return_exit_stats=True, **kwargs
+        {"image": image, "prompt": list(prompts)}, return_exit_stats=True, **{"num_beams": 1, "max_length": NEW, **kwargs}
     )
     assert len(calls) == 1
     return captions, stats, calls[0][0]
@@ -175,6 +176,136 @@ def test_exits_off_equal_lavis_generate_batched(family, model, image, host, monk
     _, _, result = decode(on_host(family, model, host), image, monkeypatch, ["a photo of"] * BATCH, early_exit=False, **family.GENERATE_KWARGS)
     assert [family.trim_at_eos(row) for row in result.tokens.tolist()] == want
     assert len({tuple(row) for row in want}) >= 2
+
+
+# -- logits processors and sampling: exits off equals Hugging Face's generate -------------------
+
+PROCESSED = {"repetition_penalty": 1.4, "no_repeat_ngram_size": 2}
+SAMPLED = {"use_nucleus_sampling": True, "top_p": 0.9, "temperature": 1.2}
+
+
+def host_reference(model, image, prompts, **settings):
+    """The host's own full-depth path (`lavis_generate`: Hugging Face's generate with LAVIS's
+    arguments), one row per prompt (or per sample), trimmed at EOS."""
+    binding = binding_for(model)
+    decoding = {**binding.generate_defaults, "num_beams": 1, "max_length": NEW, **settings}
+    return binding.lavis_generate(model, image, list(prompts), **decoding).tolist()
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_exits_off_with_processors_equal_the_host_generate(family, model, image, host, monkeypatch):
+    """Repetition penalty and no-repeat n-gram (Hugging Face's processors, built as generate
+    builds them) at batch 4 with prompts of different lengths: with exits off the engine's tokens
+    are generate's, token for token; and the processors matter here (greedy differs)."""
+    model = on_host(family, model, host)
+    settings = {**family.GENERATE_KWARGS, **PROCESSED}
+    _, _, result = decode(model, image, monkeypatch, family.PROMPTS, early_exit=False, **settings)
+    want = [family.trim_at_eos(row) for row in host_reference(model, image, family.PROMPTS, **settings)]
+    assert [family.trim_at_eos(row) for row in result.tokens.tolist()] == want
+    _, _, greedy = decode(model, image, monkeypatch, family.PROMPTS, early_exit=False, **family.GENERATE_KWARGS)
+    assert greedy.tokens.tolist() != result.tokens.tolist()
+
+
+@pytest.mark.parametrize("num_captions", [1, 2])
+def test_exits_off_sampling_equals_the_host_sampling(family, model, image, monkeypatch, num_captions):
+    """Nucleus sampling with temperature (and the model's default top-k), `num_captions` samples
+    per image: with exits off and the same seed, the engine draws generate's tokens (every row
+    sampled at every step, as generate does); other seeds draw other captions."""
+    settings = {**family.GENERATE_KWARGS, **SAMPLED, "num_captions": num_captions}
+    torch.manual_seed(7)
+    _, stats, result = decode(model, image, monkeypatch, family.PROMPTS, early_exit=False, **settings)
+    torch.manual_seed(7)
+    want = [family.trim_at_eos(row) for row in host_reference(model, image, family.PROMPTS, **settings)]
+    assert len(want) == BATCH * num_captions == len(stats["exit_layers"])
+    assert [family.trim_at_eos(row) for row in result.tokens.tolist()] == want
+    torch.manual_seed(8)
+    _, _, other = decode(model, image, monkeypatch, family.PROMPTS, early_exit=False, **settings)
+    assert other.tokens.tolist() != result.tokens.tolist()
+
+
+def test_processed_tokens_leave_where_the_rule_says_on_processed_logits(family, model, image, monkeypatch):
+    """With exits at a threshold inside (0, 1) and the processors on: each token is the argmax of
+    the *processed* logits (the row's ids so far) of the exit it left at, the confidence on those
+    processed logits passes the threshold there and at no exit before."""
+    settings = {**family.GENERATE_KWARGS, **PROCESSED}
+    _, stats, result = decode(model, image, monkeypatch, family.PROMPTS, exit_threshold=THRESHOLD,
+                              kv_policy="recompute", **settings)
+    tokens = result.tokens
+    mix = exit_mix(family, result, tokens)
+    assert len(mix) >= 2, mix
+    lm_batch = binding_for(model).decode_batch(model, image, family.PROMPTS, NEW)
+    choice = token_choice(exits_of(model).lm, PROCESSED, lm_batch.input_ids.shape[1], NEW, do_sample=False)
+    forced, prefix = family.forced_on(model, image, family.PROMPTS, tokens)
+    logits_after = {layer + 1: logits for layer, logits in zip(family.EXIT_LAYERS, forced.exit_logits)}
+    logits_after[family.NUM_LAYERS] = forced.final_logits
+    banned = list(binding_for(model).suppressed_ids(model))
+    for row, n in enumerate(lengths(family, tokens)):
+        for t in range(n):
+            ids = torch.cat([lm_batch.input_ids[row], tokens[row, :t]])[None]
+
+            def processed(layer):
+                logits = logits_after[layer][row, prefix + t - 1][None].clone()
+                logits[:, banned] = -float("inf")
+                if lm_batch.prompt_length + t < 1:  # min_length=1, the host's default
+                    logits[:, family.EOS] = -float("inf")
+                return choice.process(ids, logits)[0]
+
+            left_after = result.layers_run[row][t]
+            assert processed(left_after).argmax().item() == tokens[row, t].item(), (row, t, left_after)
+            if t:
+                passed = [layer + 1 for layer in family.EXIT_LAYERS if layer + 1 < left_after]
+                assert all(torch.softmax(processed(k), -1).max() < THRESHOLD for k in passed), (row, t)
+                if left_after < family.NUM_LAYERS:
+                    assert torch.softmax(processed(left_after), -1).max() >= THRESHOLD, (row, t)
+
+
+BEAMS = {"plain": {"num_beams": 3}, "processed": {"num_beams": 3, "length_penalty": 0.0, "num_captions": 2, **PROCESSED}}
+
+
+@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("beams", sorted(BEAMS))
+def test_exits_off_beam_search_equals_the_host_beam_search(family, model, image, host, monkeypatch, beams):
+    """Beam search through the engine (Hugging Face's BeamSearchScorer, the engine's steps) with
+    exits off: the host's own beam search, token for token, with LAVIS's length penalty, several
+    returned beams and the processors."""
+    model = on_host(family, model, host)
+    settings = {**family.GENERATE_KWARGS, **BEAMS[beams]}
+    _, stats, result = decode(model, image, monkeypatch, family.PROMPTS, early_exit=False, **settings)
+    want = [family.trim_at_eos(row) for row in host_reference(model, image, family.PROMPTS, **settings)]
+    assert [family.trim_at_eos(row) for row in result.tokens.tolist()] == want
+    assert len(stats["exit_layers"]) == BATCH * 3  # one cost row per beam slot
+    _, _, greedy = decode(model, image, monkeypatch, family.PROMPTS, early_exit=False, **family.GENERATE_KWARGS)
+    assert [family.trim_at_eos(r) for r in greedy.tokens.tolist()] != want[:BATCH]
+
+
+@pytest.mark.parametrize("kv_policy", ["recompute", "propagate"])
+def test_beam_search_with_exits_keeps_each_beam_s_cache(family, model, image, kv_policy):
+    """Beam search with exits at a threshold inside (0, 1): beams leave at every exit, and after
+    the search (and `flush`) every backbone layer's keys/values of every beam slot equal a
+    full-depth forward over that slot's own tokens, so reordering the beams carried their
+    caches, pending `recompute` columns included (`propagate` is exact for the layer after the
+    exit only, so there only the first layers are compared)."""
+    lm_batch = binding_for(model).decode_batch(model, image, family.PROMPTS, NEW)
+    decoder = EarlyExitDecoder(exits_of(model).adapter, model.early_exits)
+    opts = DecodeOptions(NEW, family.EOS, family.PAD, min_length=1, beams=BeamSettings(3),
+                         exits=ExitOptions(exit_threshold=THRESHOLD, kv_policy=kv_policy),
+                         suppressed_ids=binding_for(model).suppressed_ids(model))
+    result = decoder.generate(lm_batch, opts)
+    taken = Counter(n for row in result.layers_run for n in row[1:])
+    assert len(taken) == len(family.EXIT_LAYERS) + 1, taken
+    steps, prefix = result.extra["steps"], lm_batch.attention_mask.shape[1]
+    last = prefix + steps - 2  # the last token chosen is not fed back
+    decoder.flush(last)
+    slots = decoder.tokens[:, :steps]
+    forced, _ = family.forced_on(model, image.repeat_interleave(3, 0), [p for p in family.PROMPTS for _ in range(3)], slots)
+    used = torch.zeros(len(slots), last + 1, dtype=torch.bool)
+    used[:, :prefix] = lm_batch.attention_mask.repeat_interleave(3, 0).bool()
+    used[:, prefix:] = True
+    compared = range(family.NUM_LAYERS) if kv_policy == "recompute" else range(family.EXIT_LAYERS[0] + 2)
+    for slot in compared:
+        for got, want in ((decoder.cache.keys, forced.keys), (decoder.cache.values, forced.values)):
+            got, want = got[slot, :, :, : last + 1], want[slot][:, :, : last + 1]
+            torch.testing.assert_close(got.transpose(1, 2)[used], want.transpose(1, 2)[used], atol=1e-5, rtol=1e-4)
 
 
 # -- exits on ----------------------------------------------------------------------------------

@@ -112,12 +112,16 @@ def test_generate_and_predict_answers_match_lavis(tiny_model, images):
     assert answers == theirs
 
 
-def test_min_length_counts_the_start_token_as_lavis_s_t5_does(tiny_model, images):
-    """HF's encoder-decoder `min_length` counts the decoder start token: min_length=6 gives at
-    least 5 generated tokens, in LAVIS's generate and in the engine alike."""
+def test_min_length_counts_generated_tokens_like_max_length(tiny_model, images):
+    """min_length=6 gives at least 6 generated tokens before EOS, in the engine and the
+    full-depth path alike, as max_length counts generated tokens; LAVIS 1.0.2's Blip2T5.generate
+    passes min_length to Hugging Face, which also counts the decoder start token there, so its
+    min_length=7 gives the same captions (README "Lengths")."""
     ours, stats = tiny_model.generate({"image": images}, num_beams=1, max_length=8, min_length=6, return_exit_stats=True)
-    assert ours == Blip2T5.generate(tiny_model, {"image": images}, num_beams=1, max_length=8, min_length=6)
-    assert min(len(row) for row in stats["exit_layers"]) >= 5
+    assert ours == Blip2T5.generate(tiny_model, {"image": images}, num_beams=1, max_length=8, min_length=7)
+    assert min(len(row) for row in stats["exit_layers"]) >= 7  # 6 tokens, then EOS or the 8th
+    beams = tiny_model.generate({"image": images}, num_beams=2, max_length=8, min_length=6, early_exit=False)
+    assert beams == Blip2T5.generate(tiny_model, {"image": images}, num_beams=2, max_length=8, min_length=7)
 
 
 def test_load_model_default_type_and_zoo():

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from transformers.generation.beam_search import BeamSearchScorer
 
 from lavis_free.exits.adapters.base import DecoderAdapter, EncoderContext, Rows
 from lavis_free.exits.attention import decode_mask
@@ -39,6 +40,7 @@ from lavis_free.exits.early_exits import EarlyExits
 from lavis_free.exits.kv_cache import DecodeCache, Window
 from lavis_free.exits.lm_batch import LMBatch
 from lavis_free.exits.options import FULL_DEPTH, ExitOptions
+from lavis_free.exits.processors import GREEDY, TokenChoice
 
 
 @dataclass
@@ -51,9 +53,15 @@ class DecodeOptions:
     min_length: int = 0  # Hugging Face semantics: counts the prefix's `prompt_length` + generated tokens
     exits: ExitOptions = FULL_DEPTH
     suppressed_ids: Tuple[int, ...] = ()  # never generated (e.g. Vicuna's added [PAD]), at every exit too
-    # Scoring: [B * n, max_new_tokens] ids each row emits (EOS, then pad), n candidates per prefix
-    # row, grouped by row (candidates of prefix row i are rows i*n .. i*n+n-1). None = decode.
+    # Rows decoded per prefix row (n candidates to score, or n samples of one prompt), grouped by
+    # row: those of prefix row i are rows i*n .. i*n+n-1; the prefix is run once and repeated.
+    copies: int = 1
+    # Scoring: [B * copies, max_new_tokens] ids each row emits (EOS, then pad). None = decode.
     forced_tokens: Optional[torch.Tensor] = None
+    # Hugging Face's logits processors (and warpers when sampling), applied at every exit and at
+    # the final head on each row's ids so far (`LMBatch.input_ids`, then the generated tokens)
+    choice: TokenChoice = GREEDY
+    beams: Optional["BeamSettings"] = None  # beam search (None: greedy or sampling, per `choice`)
 
     def validate(self, num_layers: int) -> "DecodeOptions":
         self.exits.validate(num_layers)
@@ -62,14 +70,24 @@ class DecodeOptions:
         return self
 
     def copies_per_row(self, batch: int) -> int:
-        """Rows decoded per prefix row: 1, or the forced candidates per prefix row."""
-        if self.forced_tokens is None:
-            return 1
-        rows, length = self.forced_tokens.shape
-        if rows % batch or rows == 0 or length != self.max_new_tokens:
+        """`copies`, checked against the forced tokens' shape."""
+        if isinstance(self.copies, bool) or not isinstance(self.copies, int) or self.copies < 1:
+            raise ValueError(f"copies={self.copies!r} is invalid: expected an integer >= 1")
+        want = (batch * self.copies, self.max_new_tokens)
+        if self.forced_tokens is not None and tuple(self.forced_tokens.shape) != want:
             raise ValueError(f"forced_tokens of shape {tuple(self.forced_tokens.shape)} must be [{batch} prefix rows x "
-                             f"candidates per row, max_new_tokens={self.max_new_tokens}]")
-        return rows // batch
+                             f"copies={self.copies}, max_new_tokens={self.max_new_tokens}] = {list(want)}")
+        return self.copies
+
+
+@dataclass
+class BeamSettings:
+    """Beam search as Hugging Face's `generate` runs it (`BeamSearchScorer` with these settings)."""
+
+    num_beams: int
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    num_return_sequences: int = 1
 
 
 @dataclass
@@ -81,6 +99,9 @@ class DecodeResult:
     num_layers: int
     head_cost: float = 0.0  # one head in decoder-layer units
     token_logprobs: Optional[torch.Tensor] = None  # scoring: [B, T] log-prob of each forced token, 0 after EOS
+    # Beam search: the cost lists are per beam slot and step (every beam's every step counts),
+    # not per returned sequence, so they are not trimmed at the EOS of `tokens`
+    per_beam_slot: bool = False
     seconds: Dict[str, float] = field(default_factory=dict)  # "prefill" and "decode" (the token loop)
     extra: dict = field(default_factory=dict)
 
@@ -172,16 +193,23 @@ class EarlyExitDecoder:
         confidence = get_confidence(opts.exits.confidence)(logits)
         return (confidence >= opts.exits.exit_threshold).cpu().numpy()
 
-    def _constrain(self, logits: torch.Tensor, step: int, opts: DecodeOptions) -> torch.Tensor:
-        """Logits as the rule and the argmax see them, at every exit and at the final head alike:
-        suppressed ids never win, nor EOS before `min_length`."""
+    def _constrain(self, logits: torch.Tensor, step: int, opts: DecodeOptions, rows: Rows) -> torch.Tensor:
+        """Logits as the rule and the token choice see them, at every exit and at the final head
+        alike: suppressed ids never win, nor EOS before `min_length`; then the Hugging Face
+        processors of `opts.choice` on these rows' ids so far."""
         banned = list(opts.suppressed_ids)
         if self.prompt_length + step < opts.min_length:
             banned.append(opts.eos_token_id)
         if banned:
             logits = logits.clone()
             logits[:, banned] = -float("inf")
+        if opts.choice.processors is not None:
+            logits = opts.choice.process(self._ids_so_far(rows, step), logits)
         return logits
+
+    def _ids_so_far(self, rows: Rows, step: int) -> torch.Tensor:
+        """What `generate` holds as `input_ids` for these rows before choosing token `step`."""
+        return torch.cat([self.start_ids[rows], self.tokens[rows, :step]], dim=1)
 
     # -- public API ---------------------------------------------------------------------------
     def _layers_with_exits(self, use_exits: bool):
@@ -220,8 +248,12 @@ class EarlyExitDecoder:
 
     @torch.no_grad()
     def generate(self, lm_batch: LMBatch, opts: DecodeOptions) -> DecodeResult:
-        """Greedy decoding with early exits. `lm_batch.inputs_embeds` are token-level embeddings
-        of the decoder prefix (before position information), left-padded as its mask says."""
+        """Decoding with early exits: greedy or sampling (`opts.choice`), scoring
+        (`opts.forced_tokens`), or beam search (`opts.beams`). `lm_batch.inputs_embeds` are
+        token-level embeddings of the decoder prefix (before position information), left-padded
+        as its mask says."""
+        if opts.beams is not None and opts.beams.num_beams > 1:
+            return self._beam_search(lm_batch, opts)
         adapter = self.adapter
         num_layers = adapter.num_layers
         opts.validate(num_layers)
@@ -240,65 +272,35 @@ class EarlyExitDecoder:
         cache = self.cache
         prefilled = synced_clock(device)
 
-        tokens = torch.full((batch, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=device)
+        self.tokens = tokens = torch.full((batch, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=device)
+        self.start_ids = self._start_ids(lm_batch, opts, copies)
         logprobs = None if opts.forced_tokens is None else torch.zeros(tokens.shape, dtype=torch.float, device=device)
         layers_run = [[] for _ in range(batch)]
         exit_blocks_run = [[] for _ in range(batch)]
         heads_run = [[] for _ in range(batch)]
-        self._emit(self._constrain(adapter.head(features), 0, opts), slice(None), 0, opts, tokens, logprobs)
+        self._emit(self._constrain(adapter.head(features), 0, opts, slice(None)), slice(None), 0, opts, tokens, logprobs)
         finished = (tokens[:, 0] == opts.eos_token_id).cpu().numpy()
         for row in range(batch):
             layers_run[row].append(num_layers)
             exit_blocks_run[row].append(0)
             heads_run[row].append(1)
 
-        exit_layers_allowed = {
-            layer: k for layer, k in self.exit_after.items() if layer + 1 >= opts.exits.min_exit_layer
-        } if use_exits else {}
+        allowed = self._allowed_exits(opts, use_exits)
         for step in range(1, opts.max_new_tokens):
             unfinished = np.flatnonzero(~finished)
             if len(unfinished) == 0:
                 break
             # Finished rows keep computing (their tokens become padding) while they are at most
-            # half the batch: gathering the others out of the cache would cost more.
-            active = unfinished if 2 * len(unfinished) <= batch else np.arange(batch)
-            col = prefix + step - 1
-            rows_t = cache.rows(active)
-            cache.positions[rows_t, col] = cache.positions[rows_t, col - 1] + 1
-            embeds = adapter.embed_tokens(tokens[rows_t, step - 1 : step])
-            cache.states[rows_t, col : col + 1] = adapter.embed(embeds, cache.positions[rows_t, col : col + 1])
-
-            going = active
-            blocks = np.zeros(batch, dtype=np.int64)
-            for layer, k in self._layers_with_exits(use_exits):
-                self._run_layer(layer, going, col)
-                if layer not in exit_layers_allowed:
-                    continue
-                features = self._run_exit(k, going, col)
-                blocks[going] += 1
-                logits = self._constrain(self.exits[k].logits(adapter, features), step, opts)
-                leave = self._decide_exits(logits, opts, k, going, step)
-                if not leave.any():
-                    continue
-                leaving = going[leave]
-                self._emit(logits[torch.as_tensor(leave)], torch.as_tensor(leaving, device=device), step, opts, tokens, logprobs)
-                for row in leaving:
-                    layers_run[row].append(layer + 1)
-                if opts.exits.kv_policy == "propagate":
-                    cache.propagate(leaving, col, self._skipped_slots(layer), self._project)
-                going = going[~leave]
-                if len(going) == 0:
-                    break
-            if len(going):
-                rows_t = cache.rows(going)
-                logits = self._constrain(adapter.logits(cache.states[rows_t, col]), step, opts)
-                self._emit(logits, rows_t, step, opts, tokens, logprobs)
-                for row in going:
-                    layers_run[row].append(num_layers)
-            reached_head = set(going.tolist())
-            for row in active:
-                exit_blocks_run[row].append(int(blocks[row]))
-                heads_run[row].append(int(blocks[row]) + (row in reached_head))
+            # half the batch: gathering the others out of the cache would cost more. Sampling
+            # keeps every row, so that each step draws for the whole batch as `generate` does.
+            keep_all = opts.choice.sampling or 2 * len(unfinished) > batch
+            active = np.arange(batch) if keep_all else unfinished
+            logits, layers, blocks, at_head = self._step(active, prefix + step - 1, step, opts, allowed)
+            self._emit(logits, cache.rows(active), step, opts, tokens, logprobs)
+            for i, row in enumerate(active):
+                layers_run[row].append(int(layers[i]))
+                exit_blocks_run[row].append(int(blocks[i]))
+                heads_run[row].append(int(blocks[i]) + int(at_head[i]))
             done_before = torch.as_tensor(finished, device=tokens.device)
             tokens[:, step].masked_fill_(done_before, opts.pad_token_id)
             if logprobs is not None:
@@ -316,13 +318,157 @@ class EarlyExitDecoder:
             seconds={"prefill": prefilled - started, "decode": synced_clock(device) - prefilled},
         )
 
-    @staticmethod
-    def _emit(logits: torch.Tensor, rows, step: int, opts: DecodeOptions, tokens: torch.Tensor,
+    def _allowed_exits(self, opts: DecodeOptions, use_exits: bool) -> Dict[int, int]:
+        """Exit index by the decoder layer it follows, for the exits this decode may take."""
+        if not use_exits:
+            return {}
+        return {layer: k for layer, k in self.exit_after.items() if layer + 1 >= opts.exits.min_exit_layer}
+
+    def _step(self, active: np.ndarray, col: int, step: int, opts: DecodeOptions, allowed: Dict[int, int],
+              scores: bool = False) -> Tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+        """Token `step` of the `active` rows (sorted), fed at column `col`: the previous token is
+        embedded, then layers run one at a time on the rows still going; at each allowed exit,
+        the rows the rule lets go leave with that exit's logits and run no deeper layer.
+        Returns, per active row: the constrained logits its token is chosen from ([n, V]; with
+        `scores`, log-probabilities constrained after the log-softmax, as beam search scores
+        them), the decoder layers it ran, the exit transformers it ran, and whether it reached
+        the final head."""
+        adapter, cache = self.adapter, self.cache
+        rows_t = cache.rows(active)
+        cache.positions[rows_t, col] = cache.positions[rows_t, col - 1] + 1
+        embeds = adapter.embed_tokens(self.tokens[rows_t, step - 1 : step])
+        cache.states[rows_t, col : col + 1] = adapter.embed(embeds, cache.positions[rows_t, col : col + 1])
+        layers = np.full(len(active), adapter.num_layers, dtype=np.int64)
+        blocks = np.zeros(len(active), dtype=np.int64)
+        chosen: Optional[torch.Tensor] = None
+        going = active
+
+        def keep(logits: torch.Tensor, rows: np.ndarray) -> None:
+            nonlocal chosen
+            if chosen is None:
+                chosen = logits.new_empty(len(active), logits.shape[-1])
+            chosen[torch.as_tensor(np.searchsorted(active, rows), device=logits.device)] = logits
+
+        for layer, k in self._layers_with_exits(bool(allowed)):
+            self._run_layer(layer, going, col)
+            if layer not in allowed:
+                continue
+            features = self._run_exit(k, going, col)
+            blocks[np.searchsorted(active, going)] += 1
+            logits = self._scores(self.exits[k].logits(adapter, features), step, opts, cache.rows(going), scores)
+            leave = self._decide_exits(logits, opts, k, going, step)
+            if not leave.any():
+                continue
+            leaving = going[leave]
+            keep(logits[torch.as_tensor(leave, device=logits.device)], leaving)
+            layers[np.searchsorted(active, leaving)] = layer + 1
+            if opts.exits.kv_policy == "propagate":
+                cache.propagate(leaving, col, self._skipped_slots(layer), self._project)
+            going = going[~leave]
+            if len(going) == 0:
+                break
+        at_head = np.zeros(len(active), dtype=bool)
+        if len(going):
+            rows = cache.rows(going)
+            keep(self._scores(adapter.logits(cache.states[rows, col]), step, opts, rows, scores), going)
+            at_head[np.searchsorted(active, going)] = True
+        return chosen, layers, blocks, at_head
+
+    def _scores(self, logits: torch.Tensor, step: int, opts: DecodeOptions, rows: Rows, log_softmax: bool) -> torch.Tensor:
+        """`_constrain`d logits, or with `log_softmax` the constrained log-probabilities."""
+        return self._constrain(logits.log_softmax(-1) if log_softmax else logits, step, opts, rows)
+
+    def _beam_search(self, lm_batch: LMBatch, opts: DecodeOptions) -> DecodeResult:
+        """Beam search with early exits: every beam is a row that decides for itself at each exit
+        (its log-probabilities come from the exit it leaves at), then Hugging Face's
+        `BeamSearchScorer` picks the beams of the next step from all rows' scores, as `generate`'s
+        beam search does, and the cache (pending `recompute` windows included) follows the beams
+        it keeps. With exits off the tokens are `generate(num_beams=...)`'s."""
+        settings, adapter = opts.beams, self.adapter
+        num_layers, num_beams = adapter.num_layers, opts.beams.num_beams
+        opts.validate(num_layers)
+        if opts.forced_tokens is not None or opts.choice.sampling or opts.copies != 1:
+            raise ValueError("beam search takes no forced tokens, sampling or copies")
+        if not 1 <= settings.num_return_sequences <= num_beams:
+            raise ValueError(f"num_return_sequences={settings.num_return_sequences} must be in [1, num_beams={num_beams}]")
+        use_exits = opts.exits.enabled and bool(self.exits)
+        self.prompt_length = lm_batch.prompt_length
+        samples, prefix = lm_batch.attention_mask.shape
+        device = lm_batch.inputs_embeds.device
+        if lm_batch.input_ids is None:
+            raise ValueError("beam search needs LMBatch.input_ids (the ids generate starts from, that its length "
+                             "penalty counts); the host binding's decode_batch must set them")
+        started = synced_clock(device)
+        features = self.prefill(lm_batch, opts.max_new_tokens, use_exits)
+        self.cache.repeat_rows(num_beams)
+        self.encoder = self.encoder.repeat_rows(num_beams) if self.encoder is not None else None
+        features = features.repeat_interleave(num_beams, dim=0)
+        prefilled = synced_clock(device)
+        batch = samples * num_beams
+        self.tokens = torch.full((batch, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=device)
+        self.start_ids = lm_batch.input_ids.repeat_interleave(num_beams, dim=0)
+        scorer = BeamSearchScorer(batch_size=samples, num_beams=num_beams, device=device,
+                                  length_penalty=settings.length_penalty, do_early_stopping=settings.early_stopping,
+                                  num_beam_hyps_to_keep=settings.num_return_sequences)
+        beam_scores = torch.zeros(samples, num_beams, dtype=torch.float, device=device)
+        beam_scores[:, 1:] = -1e9  # step 0: every beam of a sample is the same; only the first counts
+        beam_scores = beam_scores.view(-1)
+        layers_run = [[num_layers] for _ in range(batch)]
+        exit_blocks_run = [[0] for _ in range(batch)]
+        heads_run = [[1] for _ in range(batch)]
+        scores = self._scores(adapter.head(features), 0, opts, slice(None), log_softmax=True)
+        allowed = self._allowed_exits(opts, use_exits)
+        all_rows = np.arange(batch)
+        step = 0
+        while True:
+            ids = self._ids_so_far(slice(None), step)
+            vocab = scores.shape[-1]
+            ranked = (scores + beam_scores[:, None]).view(samples, num_beams * vocab)
+            top_scores, top = torch.topk(ranked, 2 * num_beams, dim=1, largest=True, sorted=True)
+            next_indices, next_tokens = top // vocab, top % vocab
+            picked = scorer.process(ids, top_scores, next_tokens, next_indices,
+                                    pad_token_id=opts.pad_token_id, eos_token_id=opts.eos_token_id)
+            beam_scores, beam_idx = picked["next_beam_scores"], picked["next_beam_indices"]
+            self.cache.reorder_rows(beam_idx)
+            self.tokens = self.tokens[beam_idx]
+            self.tokens[:, step] = picked["next_beam_tokens"]
+            step += 1
+            if scorer.is_done or step == opts.max_new_tokens:
+                break
+            scores, layers, blocks, at_head = self._step(all_rows, prefix + step - 1, step, opts, allowed, scores=True)
+            for row in range(batch):
+                layers_run[row].append(int(layers[row]))
+                exit_blocks_run[row].append(int(blocks[row]))
+                heads_run[row].append(int(blocks[row]) + int(at_head[row]))
+        finals = scorer.finalize(self._ids_so_far(slice(None), step), beam_scores, next_tokens, next_indices,
+                                 pad_token_id=opts.pad_token_id, eos_token_id=opts.eos_token_id,
+                                 max_length=self.start_ids.shape[1] + opts.max_new_tokens)["sequences"]
+        generated = finals[:, self.start_ids.shape[1]:]
+        tokens = torch.full((len(generated), opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=device)
+        tokens[:, : generated.shape[1]] = generated
+        return DecodeResult(
+            tokens=tokens, layers_run=layers_run, exit_blocks_run=exit_blocks_run, heads_run=heads_run,
+            num_layers=num_layers, head_cost=adapter.head_cost_in_layers(), per_beam_slot=True,
+            seconds={"prefill": prefilled - started, "decode": synced_clock(device) - prefilled},
+            extra={"steps": step},  # columns of self.tokens the beam slots hold at the end
+        )
+
+    def _start_ids(self, lm_batch: LMBatch, opts: DecodeOptions, copies: int) -> Optional[torch.Tensor]:
+        """The ids the processors see before the generated ones (`LMBatch.input_ids`), per row."""
+        if opts.choice.processors is None and not opts.choice.sampling:
+            return None
+        if lm_batch.input_ids is None:
+            raise ValueError("logits processors and sampling need LMBatch.input_ids (the ids generate starts from); "
+                             "the host binding's decode_batch must set them")
+        return lm_batch.input_ids.repeat_interleave(copies, dim=0)
+
+    def _emit(self, logits: torch.Tensor, rows, step: int, opts: DecodeOptions, tokens: torch.Tensor,
               logprobs: Optional[torch.Tensor]) -> None:
-        """Writes what `rows` emit at `step` from these (constrained) logits: the argmax, or when
-        scoring the forced token, with its log-probability under these logits."""
+        """Writes what `rows` emit at `step` from these (constrained) logits: the token choice's
+        (argmax or a sample), or when scoring the forced token, with its log-probability."""
         if opts.forced_tokens is None:
-            tokens[rows, step] = logits.argmax(-1)
+            ids = self._ids_so_far(rows, step) if opts.choice.sampling else None
+            tokens[rows, step] = opts.choice.choose(ids, logits)
             return
         forced = opts.forced_tokens[rows, step]
         tokens[rows, step] = forced

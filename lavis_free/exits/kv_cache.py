@@ -74,6 +74,17 @@ class DecodeCache:
         self.filled = np.repeat(self.filled, copies, axis=0)
         self.batch *= copies
 
+    def reorder_rows(self, order: torch.Tensor) -> None:
+        """Row i becomes what row `order[i]` was (beam search keeping some beams, copying
+        others), with its filled counts, so pending `recompute` columns move with their row."""
+        self.keys = self.keys.index_select(1, order)
+        self.values = self.values.index_select(1, order)
+        self.states = self.states.index_select(0, order)
+        self.positions = self.positions.index_select(0, order)
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid.index_select(0, order)
+        self.filled = self.filled[order.cpu().numpy()]
+
     def set_padding(self, prefix_mask: torch.Tensor) -> None:
         """Padding columns of the prefix are never attended to (None = no padding anywhere)."""
         if bool(prefix_mask.all()):

@@ -27,6 +27,7 @@ class LMBatch:
     labels: Optional[torch.Tensor] = None  # [B, T] aligned targets (training), -100 = unscored
     encoder: Optional[EncoderContext] = None  # what the decoder cross-attends to (encoder-decoder LMs)
     prompt_length: int = 0  # decoding: tokens `min_length` counts besides generated ones (a decoder start token)
+    input_ids: Optional[torch.Tensor] = None  # decoding: [B, P] the ids Hugging Face's generate starts from (processors read them)
 
 
 def shift_to_aligned(labels: torch.Tensor) -> torch.Tensor:

@@ -9,17 +9,19 @@ is still the host's own LAVIS decoding (the binding's `lavis_generate` is that p
 A model without exits (a plugin model built with none) may get them attached later. Training (`lavis_free.tasks`), the runner, evaluation and benches
 reach the exits through `exits_of(model)`, never through the host's class.
 
-Decoding: greedy settings (`ENGINE_DECODING`) run the early-exit engine, with exits or at full
-depth (`early_exit=False`: the same tokens as the host's LAVIS greedy decoding). Other settings
-(beams, sampling, repetition penalty) run the host's own LAVIS decoding at full depth: asked for
-together with exit options that is an error, with exits on only by the config a warning.
+Decoding: every setting of LAVIS's `generate` runs the early-exit engine, with exits or at full
+depth (`early_exit=False`: the same tokens as the host's own LAVIS / Hugging Face decoding with
+the same settings): greedy decoding, sampling (`use_nucleus_sampling`, `num_captions` samples per
+image), beam search (`num_beams`, `length_penalty`, `num_captions` best beams), each with
+Hugging Face's logits processors (`repetition_penalty`, and beyond LAVIS's signature
+`no_repeat_ngram_size`, `bad_words_ids`, `top_k`). `binding.lavis_generate` stays the host's
+own full-depth path, the reference the tests and benches compare with.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -31,17 +33,16 @@ from lavis_free.common.safe_load import load_torch_file
 from lavis_free.exits.adapters import DecoderAdapter
 from lavis_free.exits.config import ExitConfig
 from lavis_free.exits.early_exits import BackboneOutputs, EarlyExits
-from lavis_free.exits.engine import DecodeOptions, DecodeResult, EarlyExitDecoder, synced_clock
+from lavis_free.exits.engine import BeamSettings, DecodeOptions, DecodeResult, EarlyExitDecoder, synced_clock
 from lavis_free.exits.feature_cache import backbone_fingerprint
 from lavis_free.exits.options import ExitOptions
-from lavis_free.hosts.binding import HostBinding, binding_for
+from lavis_free.exits.processors import GREEDY, TokenChoice, token_choice
+from lavis_free.hosts.binding import HF_KEYWORDS, HostBinding, binding_for, hf_extras
 from lavis_free.hosts.inputs import check_images, check_int, samples_entry, text_batch
 from lavis_free.models import weights
 
 EXIT_PREFIX = "early_exits."
 EXIT_METADATA = "exits"  # checkpoint key of `exit_metadata()`
-# What the early-exit engine decodes with (greedy); other values run the host's LAVIS decoding.
-ENGINE_DECODING = {"use_nucleus_sampling": False, "num_beams": 1, "repetition_penalty": 1.0, "num_captions": 1}
 # generate's keywords that predict_answers maps from its own (max_len -> max_length, ...)
 _MAPPED = ("num_beams", "max_length", "min_length", "length_penalty")
 
@@ -155,8 +156,9 @@ class AttachedExits:
         """One continuation per prompt: the engine for greedy decoding, the host's LAVIS decoding
         otherwise. `kwargs` are LAVIS's generate keywords and the early-exit options."""
         defaults = self.binding.generate_defaults
-        ExitOptions.check_names(kwargs, "generate()", also=tuple(defaults))
+        ExitOptions.check_names(kwargs, "generate()", also=tuple(defaults) + HF_KEYWORDS)
         decoding = {name: kwargs.pop(name, default) for name, default in defaults.items()}
+        decoding.update({name: kwargs.pop(name) for name in HF_KEYWORDS if name in kwargs})
         for name, low in (("num_beams", 1), ("num_captions", 1), ("max_length", 1), ("min_length", 0)):
             check_int(name, decoding[name], low)
         if decoding["num_captions"] > decoding["num_beams"] and not decoding["use_nucleus_sampling"]:
@@ -165,13 +167,11 @@ class AttachedExits:
                 "returns its best beams) or use_nucleus_sampling=True"
             )
         options = self.exit_options(**kwargs)
-        unhonoured = [f"{k}={decoding[k]!r}" for k, v in ENGINE_DECODING.items() if decoding[k] != v]
-        if unhonoured and options.enabled:
-            self._exits_not_honoured(unhonoured, asked=any(v is not None for v in kwargs.values()))
-        if unhonoured:
-            generated = self.binding.lavis_generate(self.model, image, prompts, **decoding)
-            texts = self.binding.decode_text(self.model, generated)
-            return (texts, self.full_depth_stats(generated.tolist())) if return_exit_stats else texts
+        sampling = bool(decoding["use_nucleus_sampling"])
+        beams = None
+        if decoding["num_beams"] > 1 and not sampling:  # sampling ignores num_beams, as LAVIS does
+            beams = BeamSettings(decoding["num_beams"], float(decoding["length_penalty"]),
+                                 bool(self.lm.generation_config.early_stopping), decoding["num_captions"])
         ids = self.binding.special_ids(self.model)
         new_tokens = self.binding.max_new_tokens(decoding["max_length"])
         if new_tokens < 1:
@@ -186,12 +186,29 @@ class AttachedExits:
                 f"min_length={decoding['min_length']} can never be reached: it counts {counted}at most {new_tokens} "
                 f"generated tokens from max_length={decoding['max_length']} (predict_answers: min_len, max_len)"
             )
+        copies = decoding["num_captions"] if sampling else 1
         result = self.decode(lm_batch, DecodeOptions(
             max_new_tokens=new_tokens, eos_token_id=ids.eos_token_id, pad_token_id=ids.pad_token_id,
             min_length=decoding["min_length"], exits=options, suppressed_ids=self.binding.suppressed_ids(self.model),
+            choice=self._token_choice(decoding, lm_batch, new_tokens), copies=copies, beams=beams,
         ))
         texts = self.binding.decode_text(self.model, result.tokens)
         return (texts, self.exit_stats(result, image_seconds)) if return_exit_stats else texts
+
+    def _token_choice(self, decoding: Mapping[str, Any], lm_batch, new_tokens: int) -> TokenChoice:
+        """Hugging Face's processors (and warpers when sampling) for these settings, as the host's
+        LAVIS decoding would get them; plain greedy decoding needs none."""
+        sampling = bool(decoding["use_nucleus_sampling"])
+        generation = hf_extras(decoding)
+        if decoding["repetition_penalty"] != 1.0:
+            generation["repetition_penalty"] = decoding["repetition_penalty"]
+        if sampling:
+            generation.update(top_p=decoding["top_p"], temperature=decoding["temperature"])
+        if not generation:
+            return GREEDY
+        num_beams = 1 if sampling else decoding["num_beams"]
+        return token_choice(self.lm, generation, lm_batch.input_ids.shape[1], new_tokens, do_sample=sampling,
+                            num_beams=num_beams)
 
     def generate(self, samples: Mapping[str, Any], return_exit_stats: bool = False, **kwargs: Any):
         """Captions for `samples["image"]`: the host's LAVIS `generate` signature and defaults
@@ -251,7 +268,7 @@ class AttachedExits:
         image_seconds = synced_clock(image.device) - started
         result = self.decode(lm_batch, DecodeOptions(
             max_new_tokens=targets.shape[1], eos_token_id=ids.eos_token_id, pad_token_id=ids.pad_token_id,
-            exits=options, suppressed_ids=self.binding.suppressed_ids(self.model), forced_tokens=targets,
+            exits=options, suppressed_ids=self.binding.suppressed_ids(self.model), forced_tokens=targets, copies=per_row,
         ))
         scores = result.token_logprobs.sum(dim=1).view(len(image), per_row)
         return (scores, self.exit_stats(result, image_seconds)) if return_exit_stats else scores
@@ -267,25 +284,6 @@ class AttachedExits:
         except (IndexError, KeyError, ValueError) as err:
             raise ValueError(f"prompt={prompt!r} cannot be filled ({err!r}): other braces must be doubled, {{{{ }}}}") from None
 
-    def _exits_not_honoured(self, unhonoured: Sequence[str], asked: bool) -> None:
-        rule = (
-            "early exits run on greedy decoding only for now (num_beams=1, use_nucleus_sampling=False, "
-            "repetition_penalty=1.0, num_captions=1)"
-        )
-        settings = ", ".join(unhonoured)
-        if asked:
-            raise ValueError(
-                f"{settings} cannot decode with the early exits asked for: {rule}; drop these settings, "
-                "or pass early_exit=False for full-depth decoding"
-            )
-        if not getattr(self, "_warned_full_depth", False):
-            self._warned_full_depth = True
-            warnings.warn(
-                f"{settings}: decoding at full depth, without the model's early exits: {rule}. Pass those "
-                "for exits, or early_exit=False for full depth without this warning",
-                stacklevel=4,
-            )
-
     # -- stats ----------------------------------------------------------------------------------
     def _eos(self) -> int:
         return self.binding.special_ids(self.model).eos_token_id
@@ -293,7 +291,10 @@ class AttachedExits:
     def exit_stats(self, result: DecodeResult, image_seconds: float = 0.0) -> Dict[str, Any]:
         """Per-sample, per-token layer counts up to and including EOS (see README), and where
         the time went (`seconds`: image side with the prompt's embedding, prefill, token loop)."""
-        lengths = [_length_to_eos(row, self._eos()) for row in result.tokens.tolist()]
+        if result.per_beam_slot:  # every step of every beam slot was computed
+            lengths = [len(row) for row in result.layers_run]
+        else:
+            lengths = [_length_to_eos(row, self._eos()) for row in result.tokens.tolist()]
         return {
             "exit_layers": [row[:n] for row, n in zip(result.layers_run, lengths)],
             "exit_blocks_run": [row[:n] for row, n in zip(result.exit_blocks_run, lengths)],
@@ -301,18 +302,6 @@ class AttachedExits:
             "num_layers": result.num_layers,
             "head_cost": result.head_cost,
             "seconds": {"image": image_seconds, **result.seconds},
-        }
-
-    def full_depth_stats(self, sequences: List[List[int]]) -> Dict[str, Any]:
-        """Stats of a decode that ran every layer (beam search, sampling)."""
-        num_layers = self.adapter.num_layers
-        lengths = [_length_to_eos(row, self._eos()) for row in sequences]
-        return {
-            "exit_layers": [[num_layers] * n for n in lengths],
-            "exit_blocks_run": [[0] * n for n in lengths],
-            "heads_run": [[1] * n for n in lengths],
-            "num_layers": num_layers,
-            "head_cost": self.adapter.head_cost_in_layers(),
         }
 
     # -- checkpoints -------------------------------------------------------------------------

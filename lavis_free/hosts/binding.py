@@ -27,6 +27,15 @@ from lavis_free.exits.lm_batch import LMBatch
 HOST_DOC = "README.md, section 'Adding a host model or an LM family'"
 
 
+# Hugging Face generate keywords the plugin accepts beyond LAVIS's generate signature; every
+# `lavis_generate` passes them on (`hf_extras`), and the engine applies them as processors.
+HF_KEYWORDS = ("no_repeat_ngram_size", "bad_words_ids", "top_k")
+
+
+def hf_extras(decoding: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: decoding[k] for k in HF_KEYWORDS if k in decoding}
+
+
 @dataclass(frozen=True)
 class SpecialIds:
     eos_token_id: int  # the id that ends generation (BLIP-2 OPT: "\n"; T5: </s>)

@@ -15,7 +15,7 @@ from transformers import BatchEncoding
 
 from lavis_free.compat.transformers_version import GENERATE_EXPANDS_MODEL_INPUTS
 from lavis_free.exits.lm_batch import IGNORE_INDEX, LMBatch, shift_to_aligned
-from lavis_free.hosts.binding import HostBinding, SpecialIds, padded_rows, register_host
+from lavis_free.hosts.binding import HostBinding, SpecialIds, hf_extras, padded_rows, register_host
 from lavis_free.hosts.inputs import check_images, samples_entry, text_batch, vision_input
 
 
@@ -123,8 +123,9 @@ class Blip2OPTBinding(HostBinding):
                 f"(max_position_embeddings); use max_length <= {positions - queries.shape[1] - prompt_length}"
             )
         inputs_embeds, attention_mask = self._prefix(model, queries, atts, tokens)
-        # min_length counts generated tokens only, as max_length does (max_new_tokens)
-        return LMBatch(inputs_embeds, attention_mask)
+        # min_length counts generated tokens only, as max_length does (max_new_tokens); the
+        # processors see the prompt's ids, as generate's input_ids
+        return LMBatch(inputs_embeds, attention_mask, input_ids=tokens.input_ids)
 
     def decode_text(self, model: nn.Module, tokens: torch.Tensor) -> List[str]:
         return [text.strip() for text in model.opt_tokenizer.batch_decode(tokens, skip_special_tokens=True)]
@@ -161,5 +162,6 @@ class Blip2OPTBinding(HostBinding):
                 repetition_penalty=decoding["repetition_penalty"],
                 length_penalty=decoding["length_penalty"],
                 num_return_sequences=decoding["num_captions"],
+                **hf_extras(decoding),
             )
         return outputs[:, tokens.input_ids.shape[1]:]

@@ -18,7 +18,7 @@ from torch import nn
 
 from lavis_free.exits.adapters.base import EncoderContext
 from lavis_free.exits.lm_batch import IGNORE_INDEX, LMBatch
-from lavis_free.hosts.binding import HostBinding, SpecialIds, register_host
+from lavis_free.hosts.binding import HostBinding, SpecialIds, hf_extras, register_host
 from lavis_free.hosts.blip2 import image_queries, training_texts
 
 
@@ -65,10 +65,6 @@ class Blip2T5Binding(HostBinding):
             states = model.t5_model.encoder(inputs_embeds=inputs_embeds, attention_mask=mask, return_dict=True).last_hidden_state
         return EncoderContext(states, mask)
 
-    def _start_embeds(self, model: nn.Module, batch: int, device: torch.device) -> torch.Tensor:
-        start = torch.full((batch, 1), model.t5_model.config.decoder_start_token_id, dtype=torch.long, device=device)
-        return model.t5_model.decoder.embed_tokens(start)
-
     def training_batch(self, model: nn.Module, samples: Mapping[str, Any]) -> LMBatch:
         image, prompts, targets = training_texts(model, samples)
         if not any(prompts):
@@ -82,9 +78,10 @@ class Blip2T5Binding(HostBinding):
 
     def decode_batch(self, model: nn.Module, image: torch.Tensor, prompts: Sequence[str], max_new_tokens: int) -> LMBatch:
         encoder = self._encode(model, image, prompts, truncate=False)
-        inputs_embeds = self._start_embeds(model, len(prompts), image.device)
+        start = torch.full((len(prompts), 1), model.t5_model.config.decoder_start_token_id, dtype=torch.long, device=image.device)
+        inputs_embeds = model.t5_model.decoder.embed_tokens(start)
         mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=image.device)
-        return LMBatch(inputs_embeds, mask, encoder=encoder, prompt_length=1)
+        return LMBatch(inputs_embeds, mask, encoder=encoder, input_ids=start)
 
     def decode_text(self, model: nn.Module, tokens: torch.Tensor) -> List[str]:
         return model.t5_tokenizer.batch_decode(tokens, skip_special_tokens=True)
@@ -104,9 +101,12 @@ class Blip2T5Binding(HostBinding):
                 **sampling_only,
                 num_beams=decoding["num_beams"],
                 max_new_tokens=decoding["max_length"],
-                min_length=decoding["min_length"],
+                # counted like max_length (max_new_tokens): generated tokens; LAVIS 1.0.2 passes
+                # min_length, which also counts the decoder start token (README "Lengths")
+                min_new_tokens=decoding["min_length"],
                 repetition_penalty=decoding["repetition_penalty"],
                 length_penalty=decoding["length_penalty"],
                 num_return_sequences=decoding["num_captions"],
+                **hf_extras(decoding),
             )
         return outputs[:, 1:]

@@ -137,7 +137,8 @@ class InstructBlipVicunaBinding(HostBinding):
         inputs_embeds, attention_mask = self._prefix(model, image, prompts)
         # HF's generate from inputs_embeds alone starts its ids with one placeholder (bos), which
         # max_length and min_length count: prompt_length 1, and see max_new_tokens
-        return LMBatch(inputs_embeds, attention_mask, prompt_length=1)
+        placeholder = torch.full((len(prompts), 1), model.llm_model.config.bos_token_id, dtype=torch.long, device=image.device)
+        return LMBatch(inputs_embeds, attention_mask, prompt_length=1, input_ids=placeholder)
 
     def max_new_tokens(self, max_length: int) -> int:
         return max_length - 1
