@@ -129,8 +129,8 @@ def _metric_text(values: Mapping[str, float]) -> str:
 def tasks_markdown(table: Mapping[str, Any]) -> str:
     rows = table["rows"]
     lines = [
-        f"Tasks on the {rows[0]['split']} split, full depth vs exits at the model's threshold "
-        "(VQA and answer accuracy in percent; MRR, NDCG, R@1 and CIDEr as fractions/scores):",
+        f"Tasks on the {rows[0]['split']} split, full depth vs exits at each task's threshold (its own "
+        "calibration's, or the model's); VQA and answer accuracy in percent, MRR, NDCG and R@1 as fractions:",
         "",
         "| task | metric at full depth | with exits | change | layers run | layer speedup | wall-clock speedup | "
         "ms per sample, image / prefill / token loop: with exits (full depth) |",
