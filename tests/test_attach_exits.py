@@ -166,11 +166,17 @@ def test_a_plugin_model_built_without_exits_takes_them_later_and_a_second_set_is
         lavis_free.attach_exits(model, EXITS)
 
 
-def test_asking_for_exits_with_beams_is_an_error_even_by_the_switch_alone(images):
-    model = tiny("opt", exits=EXITS)
-    for asked in ({"early_exit": True}, {"exit_threshold": 0.5}):
-        with pytest.raises(ValueError, match="num_beams=3 cannot decode with the early exits asked for"):
-            model.generate({"image": images}, num_beams=3, max_length=4, **asked)
+def test_beam_search_on_lavis_s_own_class_runs_through_the_exits(images):
+    """LAVIS's Blip2OPT with exits attached: beam search with exits (every beam row leaves at the
+    first exit at threshold 0) returns its best beams; with exits off, LAVIS's own beam search."""
+    model = as_lavis_model(tiny("opt"))
+    lavis_free.attach_exits(model, EXITS)
+    captions, stats = model.generate({"image": images}, num_beams=3, num_captions=2, max_length=4, exit_threshold=0.0,
+                                     return_exit_stats=True)
+    assert len(captions) == 2 * len(images) and len(stats["exit_layers"]) == 3 * len(images)
+    assert {n for row in stats["exit_layers"] for n in row[1:]} == {3}
+    full = model.generate({"image": images}, num_beams=3, num_captions=2, max_length=4, early_exit=False)
+    assert full == Blip2OPT.generate(model, {"image": images}, num_beams=3, num_captions=2, max_length=4)
 
 
 def test_exits_checkpoint_without_an_exits_section_is_refused_on_lavis_s_arch(monkeypatch, tmp_path):

@@ -41,36 +41,31 @@ def images():
     return torch.randn(2, 3, 64, 64)
 
 
-# ---- settings the early-exit engine does not honour ----
+# ---- every LAVIS decoding setting runs through the exits ----
 
 @pytest.mark.parametrize(
-    "kwargs, named",
+    "kwargs",
     [
-        ({"num_beams": 3, "exit_threshold": 0.5}, "num_beams=3"),
-        ({"num_beams": 1, "use_nucleus_sampling": True, "kv_policy": "propagate"}, "use_nucleus_sampling=True"),
-        ({"num_beams": 1, "repetition_penalty": 1.3, "confidence": "margin"}, "repetition_penalty=1.3"),
-        ({"num_beams": 2, "num_captions": 2, "min_exit_layer": 3}, "num_beams=2, num_captions=2"),
+        {"num_beams": 3, "exit_threshold": 0.0},
+        {"num_beams": 1, "use_nucleus_sampling": True, "kv_policy": "propagate", "exit_threshold": 0.0},
+        {"num_beams": 1, "repetition_penalty": 1.3, "confidence": "margin", "exit_threshold": 0.0},
+        {"num_beams": 2, "num_captions": 2, "min_exit_layer": 3, "exit_threshold": 0.0},
+        {"num_beams": 1, "no_repeat_ngram_size": 2, "top_k": 5, "exit_threshold": 0.0},
     ],
 )
-def test_exit_options_with_settings_the_engine_ignores_are_refused(images, kwargs, named):
-    with pytest.raises(ValueError, match=f"{named} cannot decode with the early exits.*greedy decoding only"):
-        exit_model().generate({"image": images}, max_length=4, **kwargs)
+def test_exit_options_apply_to_beams_sampling_and_processors(images, kwargs):
+    """What used to fall back to full depth (beams, sampling, processors) now leaves at the exits."""
+    _, stats = exit_model().generate({"image": images}, max_length=4, return_exit_stats=True, **kwargs)
+    assert {n for row in stats["exit_layers"] for n in row[1:]} == {3}
 
 
-def test_default_exits_with_beams_warn_once_and_report_full_depth(images):
-    model = exit_model()
-    with pytest.warns(UserWarning, match="num_beams=5: decoding at full depth.*num_beams=1"):
-        _, stats = model.generate({"image": images}, max_length=4, return_exit_stats=True)
-    assert {n for row in stats["exit_layers"] for n in row} == {12}
+def test_lavis_s_default_generate_uses_the_model_s_exits_without_a_warning(images):
+    """LAVIS's own `generate(samples)` (beam search, num_beams=5) decodes with the calibrated exits."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model.generate({"image": images}, max_length=4)  # once per model
-        fresh = exit_model()
-        fresh.generate({"image": images}, max_length=4, early_exit=False)  # exits off: nothing dropped
-        fresh.generate({"image": images}, max_length=4, early_exit=False)
-        tiny().generate({"image": images}, max_length=4)  # a model without exits
-        _, stats = fresh.generate({"image": images}, num_beams=1, max_length=4, return_exit_stats=True)
-    assert min(n for row in stats["exit_layers"] for n in row) == 3, "greedy decoding still exits"
+        _, stats = exit_model().generate({"image": images}, max_length=4, return_exit_stats=True)
+    assert len(stats["exit_layers"]) == 5 * len(images)
+    assert min(n for row in stats["exit_layers"] for n in row) == 3
 
 
 def test_exits_asked_of_a_model_without_exits_are_refused(model, images):

@@ -293,14 +293,16 @@ def test_beam_search_with_exits_keeps_each_beam_s_cache(family, model, image, kv
     result = decoder.generate(lm_batch, opts)
     taken = Counter(n for row in result.layers_run for n in row[1:])
     assert len(taken) == len(family.EXIT_LAYERS) + 1, taken
-    steps, prefix = result.extra["steps"], lm_batch.attention_mask.shape[1]
-    last = prefix + steps - 2  # the last token chosen is not fed back
+    fed, prefix = result.extra["fed"], lm_batch.attention_mask.shape[1]
+    assert fed.max() >= 3, fed  # (samples that finish early keep their slots: fed differs per sample)
+    last = prefix + int(fed.max()) - 1
     decoder.flush(last)
-    slots = decoder.tokens[:, :steps]
+    slots = decoder.tokens[:, : int(fed.max()) + 1]  # each slot's tokens, pad after those it fed
     forced, _ = family.forced_on(model, image.repeat_interleave(3, 0), [p for p in family.PROMPTS for _ in range(3)], slots)
     used = torch.zeros(len(slots), last + 1, dtype=torch.bool)
     used[:, :prefix] = lm_batch.attention_mask.repeat_interleave(3, 0).bool()
-    used[:, prefix:] = True
+    for row, n in enumerate(fed.tolist()):
+        used[row, prefix : prefix + n] = True
     compared = range(family.NUM_LAYERS) if kv_policy == "recompute" else range(family.EXIT_LAYERS[0] + 2)
     for slot in compared:
         for got, want in ((decoder.cache.keys, forced.keys), (decoder.cache.values, forced.values)):
@@ -412,7 +414,7 @@ def test_propagate_fills_every_skipped_slot_with_its_layer_projection(family, mo
 def _scored(family, model, image, candidates, **options):
     """The engine scoring `candidates` [BATCH * 2, NEW] (two per prompt row) on the binding's prefix."""
     lm_batch = binding_for(model).decode_batch(model, image, family.PROMPTS, NEW)
-    opts = DecodeOptions(NEW, family.EOS, family.PAD, exits=ExitOptions(**options), forced_tokens=candidates,
+    opts = DecodeOptions(NEW, family.EOS, family.PAD, exits=ExitOptions(**options), forced_tokens=candidates, copies=2,
                          suppressed_ids=binding_for(model).suppressed_ids(model))
     return EarlyExitDecoder(exits_of(model).adapter, model.early_exits).generate(lm_batch, opts)
 

@@ -68,26 +68,17 @@ def test_the_instruction_changes_the_queries_and_the_answer(model, images):
 
 
 def test_generate_defaults_are_lavis_main_s_beam_search_with_repetition_penalty(model, images):
-    """LAVIS main's InstructBLIP `generate` defaults to num_beams=5, repetition_penalty=1.5: they
-    run the host's own full-depth decoding; greedy with repetition_penalty=1.0 runs the engine."""
+    """LAVIS main's InstructBLIP `generate` defaults to num_beams=5, repetition_penalty=1.5; the
+    engine runs them (beam search with the repetition processor) and, with exits off, gives the
+    host's own full-depth decoding's captions."""
     binding = binding_for(model)
     defaults = binding.generate_defaults
     assert (defaults["num_beams"], defaults["repetition_penalty"], defaults["max_length"]) == (5, 1.5, 256)
-    calls = []
-    real = type(binding).lavis_generate
-
-    def spy(self, *args, **decoding):
-        calls.append(decoding)
-        return real(self, *args, **decoding)
-
-    type(binding).lavis_generate = spy
-    try:
-        model.generate({"image": images, "prompt": "describe"}, max_length=5)
-        assert len(calls) == 1 and (calls[0]["num_beams"], calls[0]["repetition_penalty"]) == (5, 1.5)
-        model.generate({"image": images, "prompt": "describe"}, max_length=5, num_beams=1, repetition_penalty=1.0)
-        assert len(calls) == 1, "greedy decoding runs the engine, not the host's own path"
-    finally:
-        type(binding).lavis_generate = real
+    captions, stats = model.generate({"image": images, "prompt": "describe"}, max_length=5, early_exit=False,
+                                     return_exit_stats=True)
+    want = binding.lavis_generate(model, images, ["describe"] * len(images), **{**defaults, "max_length": 5})
+    assert captions == binding.decode_text(model, want)
+    assert len(stats["exit_layers"]) == 5 * len(images)  # one cost row per beam slot
 
 
 def test_forward_scores_the_target_through_the_output_tokenizer(model, images):

@@ -418,7 +418,8 @@ class EarlyExitDecoder:
         heads_run = [[1] for _ in range(batch)]
         scores = self._scores(adapter.head(features), 0, opts, slice(None), log_softmax=True)
         allowed = self._allowed_exits(opts, use_exits)
-        all_rows = np.arange(batch)
+        rows = torch.arange(batch, device=device)
+        fed = np.zeros(batch, dtype=np.int64)  # tokens each beam slot has fed into the cache
         step = 0
         while True:
             ids = self._ids_so_far(slice(None), step)
@@ -426,20 +427,29 @@ class EarlyExitDecoder:
             ranked = (scores + beam_scores[:, None]).view(samples, num_beams * vocab)
             top_scores, top = torch.topk(ranked, 2 * num_beams, dim=1, largest=True, sorted=True)
             next_indices, next_tokens = top // vocab, top % vocab
+            done_before = scorer._done.clone().repeat_interleave(num_beams)
             picked = scorer.process(ids, top_scores, next_tokens, next_indices,
                                     pad_token_id=opts.pad_token_id, eos_token_id=opts.eos_token_id)
-            beam_scores, beam_idx = picked["next_beam_scores"], picked["next_beam_indices"]
+            beam_scores = picked["next_beam_scores"]
+            # a finished sample's slots stay as they are (the scorer points them at row 0)
+            beam_idx = torch.where(done_before, rows, picked["next_beam_indices"])
             self.cache.reorder_rows(beam_idx)
             self.tokens = self.tokens[beam_idx]
-            self.tokens[:, step] = picked["next_beam_tokens"]
+            fed = fed[beam_idx.cpu().numpy()]
+            self.tokens[:, step] = torch.where(done_before, self.tokens[:, step], picked["next_beam_tokens"])
             step += 1
             if scorer.is_done or step == opts.max_new_tokens:
                 break
-            scores, layers, blocks, at_head = self._step(all_rows, prefix + step - 1, step, opts, allowed, scores=True)
-            for row in range(batch):
-                layers_run[row].append(int(layers[row]))
-                exit_blocks_run[row].append(int(blocks[row]))
-                heads_run[row].append(int(blocks[row]) + int(at_head[row]))
+            # the slots of samples whose hypotheses are complete compute nothing more
+            active = np.flatnonzero(~scorer._done.repeat_interleave(num_beams).cpu().numpy())
+            scores = torch.zeros(batch, vocab, dtype=scores.dtype, device=device)
+            step_scores, layers, blocks, at_head = self._step(active, prefix + step - 1, step, opts, allowed, scores=True)
+            scores[torch.as_tensor(active, device=device)] = step_scores
+            fed[active] += 1
+            for i, row in enumerate(active):
+                layers_run[row].append(int(layers[i]))
+                exit_blocks_run[row].append(int(blocks[i]))
+                heads_run[row].append(int(blocks[i]) + int(at_head[i]))
         finals = scorer.finalize(self._ids_so_far(slice(None), step), beam_scores, next_tokens, next_indices,
                                  pad_token_id=opts.pad_token_id, eos_token_id=opts.eos_token_id,
                                  max_length=self.start_ids.shape[1] + opts.max_new_tokens)["sequences"]
@@ -450,7 +460,7 @@ class EarlyExitDecoder:
             tokens=tokens, layers_run=layers_run, exit_blocks_run=exit_blocks_run, heads_run=heads_run,
             num_layers=num_layers, head_cost=adapter.head_cost_in_layers(), per_beam_slot=True,
             seconds={"prefill": prefilled - started, "decode": synced_clock(device) - prefilled},
-            extra={"steps": step},  # columns of self.tokens the beam slots hold at the end
+            extra={"fed": fed},  # per beam slot at the end, its tokens (self.tokens) fed into the cache
         )
 
     def _start_ids(self, lm_batch: LMBatch, opts: DecodeOptions, copies: int) -> Optional[torch.Tensor]:
