@@ -81,7 +81,7 @@ class DecodeResult:
     num_layers: int
     head_cost: float = 0.0  # one head in decoder-layer units
     token_logprobs: Optional[torch.Tensor] = None  # scoring: [B, T] log-prob of each forced token, 0 after EOS
-    seconds: Dict[str, float] = field(default_factory=dict)  # "prefill" and "decode" (the token loop)
+    seconds: Dict[str, float] = field(default_factory=dict)  # "prefill", "copy" (of the prefilled rows), "decode"
     extra: dict = field(default_factory=dict)
 
 
@@ -232,13 +232,14 @@ class EarlyExitDecoder:
         device = lm_batch.inputs_embeds.device
         started = synced_clock(device)
         features = self.prefill(lm_batch, opts.max_new_tokens, use_exits)
+        prefilled = synced_clock(device)
         if copies > 1:
             self.cache.repeat_rows(copies)
             self.encoder = self.encoder.repeat_rows(copies) if self.encoder is not None else None
             features = features.repeat_interleave(copies, dim=0)
             batch *= copies
         cache = self.cache
-        prefilled = synced_clock(device)
+        copied = synced_clock(device) if copies > 1 else prefilled
 
         tokens = torch.full((batch, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=device)
         logprobs = None if opts.forced_tokens is None else torch.zeros(tokens.shape, dtype=torch.float, device=device)
@@ -313,7 +314,8 @@ class EarlyExitDecoder:
             num_layers=num_layers,
             head_cost=adapter.head_cost_in_layers(),
             token_logprobs=logprobs,
-            seconds={"prefill": prefilled - started, "decode": synced_clock(device) - prefilled},
+            seconds={"prefill": prefilled - started, "decode": synced_clock(device) - copied,
+                     **({"copy": copied - prefilled} if copies > 1 else {})},
         )
 
     @staticmethod
