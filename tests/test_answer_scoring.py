@@ -78,7 +78,7 @@ def test_options_of_one_sample_are_ranked_in_one_call_with_per_option_stats(ship
     assert scores.shape == (6, len(OPTIONS)) and len(stats["exit_layers"]) == 6 * len(OPTIONS)
     alone = model.score_answers({k: v[:1] for k, v in questions.items()}, [OPTIONS], prompt=PROMPT, exit_threshold=0.4)
     torch.testing.assert_close(scores[:1], alone, atol=1e-4, rtol=1e-4)
-    assert set(stats["seconds"]) == {"image", "prefill", "decode"}
+    assert set(stats["seconds"]) == {"image", "prefill", "copy", "decode"}  # copy: the prefix for each option
 
 
 @pytest.mark.parametrize("options, match", [
@@ -95,3 +95,21 @@ def test_bad_options_are_named(shipped, questions, options, match):
 def test_unknown_keyword_is_named(shipped, questions):
     with pytest.raises(TypeError, match="exit_treshold"):
         shipped[0].score_answers(questions, OPTIONS, prompt=PROMPT, exit_treshold=0.5)
+
+
+def test_options_after_a_prompt_longer_than_max_txt_len_are_scored_whole(shipped, questions):
+    """The prefix keeps a long prompt's last max_txt_len tokens; the options are never cut: each
+    is scored to its EOS, and the long prompt scores like its kept tail."""
+    model = shipped[0]
+    binding = lavis_free.exits_of(model).binding
+    tokenizer = model.opt_tokenizer
+    history = " ".join(["is there a red circle? yes"] * 20)
+    long_prompt = f"Dialogue: {history} {questions['text_input'][0]} Answer:"
+    assert len(tokenizer(long_prompt).input_ids) > model.max_txt_len
+    tokens = binding.answer_tokens(model, [long_prompt] * 2, ["a blue square", "red"], torch.device("cpu"))
+    assert tokenizer.batch_decode(tokens, skip_special_tokens=True) == [" a blue square\n", " red\n"]
+    one = {"image": questions["image"][:1], "text_input": [long_prompt]}
+    tail = tokenizer.decode(tokenizer(long_prompt, add_special_tokens=False).input_ids[-(model.max_txt_len - 1):])
+    scores = model.score_answers(one, [OPTIONS], prompt="", early_exit=False)
+    torch.testing.assert_close(scores, model.score_answers({**one, "text_input": [tail]}, [OPTIONS], prompt="", early_exit=False))
+    assert torch.isfinite(scores).all()

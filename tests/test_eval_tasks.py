@@ -196,10 +196,10 @@ def test_visdial_task_ranks_and_answers_with_exit_figures_for_each(data_dir, run
     metrics = task.after_evaluation(val_result=results, split_name="val")
     assert metrics["num_rounds"] == 32 and metrics["mrr"] > 0.4 and metrics["answer_accuracy"] > 30, metrics
     assert 0 < metrics["ndcg"] <= 1 and metrics["num_dense_rounds"] >= 1
-    for prefix in ("", "ranking_"):
-        assert metrics[f"{prefix}layer_speedup"] > 1 and metrics[f"{prefix}wallclock_speedup"] > 0, metrics
-        assert all(metrics[f"{prefix}{side}time_{part}_s"] > 0 for side in ("", "full_depth_")
-                   for part in ("image", "prefill", "decode"))
+    for prefix, parts in (("", ("image", "prefill", "decode")), ("ranking_", ("image", "prefill", "copy", "decode"))):
+        assert metrics[f"{prefix}layer_speedup"] > 1 and f"{prefix}wallclock_speedup" in metrics, metrics
+        assert all(metrics[f"{prefix}{side}time_{part}_s"] > 0 for side in ("", "full_depth_") for part in parts)
+    assert "time_copy_s" not in metrics  # one answer per round: nothing is copied
     assert metrics["ranking_num_tokens"] > 30 * metrics["num_tokens"]  # 100 options per round, scored token by token
     with pytest.raises(ValueError, match="run.rank_options must be true or false"):
         registry.get_task_class("free_visdial").setup_task(_cfg(rank_options="no"))

@@ -105,6 +105,9 @@ def run_calibration(project: Project, calib_split: str, test_split: str, toleran
     bar.update()
     reference = compared_figures(full, None, metric)
     result["oracle"] = oracle_figures(oracle_stats(project.model, calls))
+    # the oracle is defined on generated tokens: for a ranking metric (VisDial) it describes the
+    # task's generated answers, not the decoding the metric judges
+    result["oracle"]["of"] = "generated answers" if project.task.headline_decoding else "generated tokens"
     bar.update()
     result["test"] = {
         "split": test_split,
@@ -144,9 +147,11 @@ def calibration_markdown(result: Mapping[str, Any]) -> str:
         f"## Test split `{result['test_split']}`",
         "",
         sweep_markdown(result["test"]),
-        "## Oracle exit (ceiling at zero quality loss)",
+        f"## Oracle exit (ceiling at zero quality loss{', of the generated answers' if oracle.get('of') == 'generated answers' else ''})",
         "",
-        "Per token, the earliest exit whose argmax equals the full-depth token (teacher-forced over the "
+        ("The ranking the metric judges has no oracle here: the rows below are the task's generated answers. "
+         if oracle.get("of") == "generated answers" else "")
+        + "Per token, the earliest exit whose argmax equals the full-depth token (teacher-forced over the "
         f"full-depth greedy outputs of `{result['test_split']}`). Layer-count speedup as the engine runs it "
         "(every allowed exit checked on the way); ideal: only the chosen exit's transformer and head paid.",
         "",

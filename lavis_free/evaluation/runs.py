@@ -208,7 +208,7 @@ def decode_split(project: Project, loader: Iterable[Any], settings: Mapping[str,
             results.extend(task.valid_step(model=project.model, samples=samples))
     finally:
         task.generate_kwargs = dict(project.base_generate_kwargs)
-    if not task.exit_eval.tally.tokens:
+    if not any(evaluator.tally.tokens for evaluator in task.exit_evals.values()):
         raise RuntimeError(
             f"{type(task).__name__}.valid_step decoded without exit stats: the model must be an "
             "early-exit model (blip2_opt_free) and valid_step must decode through self.exit_eval.decode"

@@ -12,8 +12,8 @@ decoding the task times: captioning and VQA generate; VisDial ranks its 100 opti
 R@1) and generates answers (answer accuracy), two rows. Each row: the task's metrics at full
 depth and with exits, the relative change of its headline metric, the average decoder layers
 run per token, the layer-count and wall-clock speedups (tallies of `lavis_free.tasks.exit_eval`)
-and the time split of the early-exit decoding (image side, prefill, token loop: only the token
-loop is what exits shorten). The last row averages the speedups over the rows.
+and the time split of both decodings (image side, prefill, cache copies for VisDial's options,
+token loop: only the token loop is what exits shorten). The last row averages the speedups over the rows.
 
 `--options` (LAVIS style) go to every project, except that a `datasets.<name>.*` key goes only
 to the projects that have dataset <name> (so one `--options` line can point each project's
@@ -34,8 +34,8 @@ from lavis_free.evaluation.plots import OUTSIDE_RIGHT, new_figure, save_figure
 from lavis_free.evaluation.runs import FULL_DEPTH, Project, load_project, run_setting, scored_loader, warm_up
 from lavis_free.hosts import exits_of
 from lavis_free.tasks import FreeCaptionTask, FreeDialogueTask, FreeVisDialTask, FreeVQATask
+from lavis_free.tasks.exit_eval import TIME_PARTS
 
-TIME_PARTS = ("image", "prefill", "decode")
 # Per decoding of a task (its `exit_decodings` prefix): its name and the metrics it is judged by.
 # Generation rows of VisDial are judged by the generated answers; ranking rows by the ranks.
 METRICS = {
@@ -84,6 +84,8 @@ def task_rows(name: str, project: Project, split: str, threshold: Union[None, fl
     exits = run_setting(project, loader, split, settings, desc=f"{name}: exits at {chosen}", progress=progress)
     rows = []
     for prefix, (decoding, metrics) in METRICS[type(project.task)].items():
+        if not exits.tallies[prefix].tokens:  # a decoding the project turned off (run.generate_answers: false)
+            continue
         summary = exits.tallies[prefix].summary()
         tally = exits.tallies[prefix]
         samples = max(len(exits.results), 1)
@@ -118,8 +120,14 @@ def options_for(cfg_path: str, options: Sequence[str]) -> List[str]:
 
 
 def average_row(rows: Sequence[Mapping[str, Any]]) -> Dict[str, float]:
-    """The mean speedups over the rows (the paper averages over its tasks)."""
-    return {key: sum(r[key] for r in rows) / len(rows) for key in ("layer_speedup", "wallclock_speedup")}
+    """The mean speedups over the tasks (the paper averages over its tasks): the rows of one
+    project (VisDial's ranking and answers) are averaged first, so each task counts once."""
+    by_task: Dict[str, List[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_task.setdefault(row["project"], []).append(row)
+    keys = ("layer_speedup", "wallclock_speedup")
+    per_task = [{k: sum(r[k] for r in task) / len(task) for k in keys} for task in by_task.values()]
+    return {**{k: sum(t[k] for t in per_task) / len(per_task) for k in keys}, "num_tasks": len(per_task)}
 
 
 def _metric_text(values: Mapping[str, float]) -> str:
@@ -133,7 +141,7 @@ def tasks_markdown(table: Mapping[str, Any]) -> str:
         "calibration's, or the model's); VQA and answer accuracy in percent, MRR, NDCG and R@1 as fractions:",
         "",
         "| task | metric at full depth | with exits | change | layers run | layer speedup | wall-clock speedup | "
-        "ms per sample, image / prefill / token loop: with exits (full depth) |",
+        "ms per sample, image / prefill / cache copies / token loop: with exits (full depth) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -144,7 +152,8 @@ def tasks_markdown(table: Mapping[str, Any]) -> str:
             f"{r['layer_speedup']:.2f}x | {r['wallclock_speedup']:.2f}x | {share} |"
         )
     avg = table["average"]
-    lines.append(f"| **average over {len(rows)} rows** | | | | | {avg['layer_speedup']:.2f}x | {avg['wallclock_speedup']:.2f}x | |")
+    lines.append(f"| **average over {avg['num_tasks']} tasks** (a task's rows averaged first) | | | | | "
+                 f"{avg['layer_speedup']:.2f}x | {avg['wallclock_speedup']:.2f}x | |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,13 +172,13 @@ def tasks_figure(table: Mapping[str, Any]):
     speed.set_ylabel("speedup over full depth (x)")
     speed.set_title("Speedup with exits, per task")
     speed.legend(fontsize=8)
-    colours = {"image": "tab:grey", "prefill": "tab:blue", "decode": "tab:orange"}
+    colours = {"image": "tab:grey", "prefill": "tab:blue", "copy": "tab:purple", "decode": "tab:orange"}
     for offset, key, tag in ((-width / 2, "full_depth_time_split_ms", "F"), (width / 2, "time_split_ms", "E")):
         bottom = [0.0] * len(rows)
         for part in TIME_PARTS:
             values = [r[key][part] for r in rows]
             split.bar([x + offset for x in xs], values, width * 0.95, bottom=bottom, color=colours[part],
-                      label={"decode": "token loop"}.get(part, part) if tag == "F" else None)
+                      label={"decode": "token loop", "copy": "cache copies"}.get(part, part) if tag == "F" else None)
             bottom = [b + v for b, v in zip(bottom, values)]
         for x, top in zip(xs, bottom):
             split.text(x + offset, top, tag, ha="center", va="bottom", fontsize=7)

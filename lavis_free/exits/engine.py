@@ -102,7 +102,7 @@ class DecodeResult:
     # Beam search: the cost lists are per beam slot and step (every beam's every step counts),
     # not per returned sequence, so they are not trimmed at the EOS of `tokens`
     per_beam_slot: bool = False
-    seconds: Dict[str, float] = field(default_factory=dict)  # "prefill" and "decode" (the token loop)
+    seconds: Dict[str, float] = field(default_factory=dict)  # "prefill", "copy" (of the prefilled rows), "decode"
     extra: dict = field(default_factory=dict)
 
 
@@ -264,13 +264,14 @@ class EarlyExitDecoder:
         device = lm_batch.inputs_embeds.device
         started = synced_clock(device)
         features = self.prefill(lm_batch, opts.max_new_tokens, use_exits)
+        prefilled = synced_clock(device)
         if copies > 1:
             self.cache.repeat_rows(copies)
             self.encoder = self.encoder.repeat_rows(copies) if self.encoder is not None else None
             features = features.repeat_interleave(copies, dim=0)
             batch *= copies
         cache = self.cache
-        prefilled = synced_clock(device)
+        copied = synced_clock(device) if copies > 1 else prefilled
 
         self.tokens = tokens = torch.full((batch, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=device)
         self.start_ids = self._start_ids(lm_batch, opts, copies)
@@ -315,7 +316,8 @@ class EarlyExitDecoder:
             num_layers=num_layers,
             head_cost=adapter.head_cost_in_layers(),
             token_logprobs=logprobs,
-            seconds={"prefill": prefilled - started, "decode": synced_clock(device) - prefilled},
+            seconds={"prefill": prefilled - started, "decode": synced_clock(device) - copied,
+                     **({"copy": copied - prefilled} if copies > 1 else {})},
         )
 
     def _allowed_exits(self, opts: DecodeOptions, use_exits: bool) -> Dict[int, int]:
@@ -400,10 +402,11 @@ class EarlyExitDecoder:
                              "penalty counts); the host binding's decode_batch must set them")
         started = synced_clock(device)
         features = self.prefill(lm_batch, opts.max_new_tokens, use_exits)
+        prefilled = synced_clock(device)
         self.cache.repeat_rows(num_beams)
         self.encoder = self.encoder.repeat_rows(num_beams) if self.encoder is not None else None
         features = features.repeat_interleave(num_beams, dim=0)
-        prefilled = synced_clock(device)
+        copied = synced_clock(device)
         batch = samples * num_beams
         self.tokens = torch.full((batch, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=device)
         self.start_ids = lm_batch.input_ids.repeat_interleave(num_beams, dim=0)
@@ -459,7 +462,7 @@ class EarlyExitDecoder:
         return DecodeResult(
             tokens=tokens, layers_run=layers_run, exit_blocks_run=exit_blocks_run, heads_run=heads_run,
             num_layers=num_layers, head_cost=adapter.head_cost_in_layers(), per_beam_slot=True,
-            seconds={"prefill": prefilled - started, "decode": synced_clock(device) - prefilled},
+            seconds={"prefill": prefilled - started, "copy": copied - prefilled, "decode": synced_clock(device) - copied},
             extra={"fed": fed},  # per beam slot at the end, its tokens (self.tokens) fed into the cache
         )
 

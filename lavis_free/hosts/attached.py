@@ -261,9 +261,9 @@ class AttachedExits:
         candidates = _option_lists(answer_options, len(image))
         per_row = len(candidates[0])
         flat = [option for row in candidates for option in row]
+        started = synced_clock(image.device)
         targets = self.binding.answer_tokens(self.model, [p for p in prompts for _ in range(per_row)], flat, image.device)
         ids = self.binding.special_ids(self.model)
-        started = synced_clock(image.device)
         lm_batch = self.binding.decode_batch(self.model, image, prompts, targets.shape[1])
         image_seconds = synced_clock(image.device) - started
         result = self.decode(lm_batch, DecodeOptions(
@@ -290,7 +290,8 @@ class AttachedExits:
 
     def exit_stats(self, result: DecodeResult, image_seconds: float = 0.0) -> Dict[str, Any]:
         """Per-sample, per-token layer counts up to and including EOS (see README), and where
-        the time went (`seconds`: image side with the prompt's embedding, prefill, token loop)."""
+        the time went (`seconds`: image side with tokenizing and embedding, prefill, cache copies,
+        token loop; `lavis_free.tasks.exit_eval.TIME_PARTS`)."""
         if result.per_beam_slot:  # every step of every beam slot was computed
             lengths = [len(row) for row in result.layers_run]
         else:

@@ -107,8 +107,11 @@ class Blip2OPTBinding(HostBinding):
         return LMBatch(inputs_embeds, attention_mask, labels=shift_to_aligned(causal))
 
     def answer_tokens(self, model: nn.Module, prompts: Sequence[str], answers: Sequence[str], device: torch.device) -> torch.Tensor:
-        _, labels = self._scored_text(model, prompts, answers, device)
-        rows = [row[row != IGNORE_INDEX].tolist() for row in labels]
+        """The scored part of `_scored_text`, tokenized alone (never cut by `max_txt_len`, which
+        cuts the prompt in the decoder prefix): " " + answer + "\\n" after a prompt, as no BPE merge
+        crosses the space, the answer and "\\n" alone after none (the start token is the prefix's)."""
+        texts = [opt_training_text(p, a)[len(p.strip()):] for p, a in zip(prompts, answers)]
+        rows = model.opt_tokenizer(texts, add_special_tokens=False).input_ids
         return padded_rows(rows, model.opt_tokenizer.pad_token_id, device)
 
     def decode_batch(self, model: nn.Module, image: torch.Tensor, prompts: Sequence[str], max_new_tokens: int) -> LMBatch:

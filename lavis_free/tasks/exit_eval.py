@@ -14,10 +14,12 @@ reports them; L = the LM's depth, h = one head application in decoder-layer unit
     depth (`early_exit=False`), both timed with `time.perf_counter`; the ratio of the summed
     times. Tokens/s of each decoding are reported too (tokens and seconds summed over ranks, so
     the figure is per process).
-  - time split (`time_<part>_s`, `full_depth_time_<part>_s`): seconds of each decoding spent on
-    the image side (vision encoder, Q-Former, prompt embedding), the prefill (prompt columns
-    through every layer) and the token loop, summed over batches and ranks; they show how much
-    of a task's time exits can act on (the token loop only).
+  - time split (`time_<part>_s`, `full_depth_time_<part>_s`, parts `TIME_PARTS`): seconds of each
+    decoding spent on the image side (vision encoder, Q-Former, tokenizing and embedding the
+    prompt and any answer options), the prefill (prompt columns through every layer), copying
+    the prefilled cache for each candidate (answer options, samples, beams) and the token loop,
+    summed over batches and ranks; they show how much of a task's time exits can act on (the
+    token loop only).
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ import torch
 import torch.distributed as dist
 
 from lavis_free.hosts import AttachedExits
+
+
+TIME_PARTS = ("image", "prefill", "copy", "decode")  # the time split's parts (module docstring)
 
 
 @dataclass
@@ -47,9 +52,11 @@ class ExitTally:
     full_seconds: float = 0.0
     time_image: float = 0.0
     time_prefill: float = 0.0
+    time_copy: float = 0.0
     time_decode: float = 0.0
     full_time_image: float = 0.0
     full_time_prefill: float = 0.0
+    full_time_copy: float = 0.0
     full_time_decode: float = 0.0
     histogram: List[int] = field(default_factory=list)  # tokens by layers run, index 0..L
 
@@ -104,7 +111,7 @@ class ExitTally:
             self.histogram = [0] * (num_layers + 1)
 
     # -- distributed ------------------------------------------------------------------------
-    _SPLIT = tuple(f"{prefix}time_{part}" for prefix in ("", "full_") for part in ("image", "prefill", "decode"))
+    _SPLIT = tuple(f"{prefix}time_{part}" for prefix in ("", "full_") for part in TIME_PARTS)
     _SCALARS = ("tokens", "layers_sum", "full_cost", "run_cost", "seconds", "full_tokens", "full_seconds") + _SPLIT
 
     def all_reduce(self) -> "ExitTally":
