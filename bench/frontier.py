@@ -1,13 +1,14 @@
 """The speed-quality frontier, one curve per method, on one backbone and exits layout.
 
-Methods (same weights, same test images, greedy, batch 1 unless --batch, timed in one process
-after a warm-up, configs interleaved per repeat):
-  lavis           LAVIS's own `generate(num_beams=1)` (`Blip2OPT`), the reference of every speedup
+Methods (same weights, same test images, greedy or `--num-beams` beam search, batch 1 unless
+--batch, timed in one process after a warm-up, configs interleaved per repeat):
+  lavis           LAVIS's own `generate(num_beams=...)` (`Blip2OPT`), the reference of every speedup
   free, no_adversarial, vanilla
                   the engine with each layout's trained exits, one point per threshold
   static          the engine leaving every token at one exit (threshold 0 from that exit on:
                   `min_exit_layer` = its layers run), one point per exit
-Per point: CIDEr, per-attribute accuracy, layers run per token (to EOS), layer-count speedup
+Per point: CIDEr, per-attribute accuracy, layers run per token (to EOS; with beams, per beam
+slot and step: every beam's computation counts), layer-count speedup
 (num_layers / that) and wall-clock speedup against `lavis` (ms per caption, whole caption:
 ViT, Q-Former, prefill and decode). Written: frontier.json, frontier.md, frontier.png.
 
@@ -45,9 +46,9 @@ STYLE = {"free": ("tab:red", "o"), "no_adversarial": ("tab:green", "^"), "vanill
 Decode = Callable[[torch.Tensor], Tuple[List[str], List[List[int]]]]
 
 
-def methods(models: Dict[str, torch.nn.Module], thresholds, max_length: int) -> Dict[Tuple[str, float], Decode]:
+def methods(models: Dict[str, torch.nn.Module], thresholds, max_length: int, num_beams: int = 1) -> Dict[Tuple[str, float], Decode]:
     """(method, setting) -> a decode returning (captions, layers run per token)."""
-    greedy = dict(num_beams=1, max_length=max_length)
+    greedy = dict(num_beams=num_beams, max_length=max_length)
     free = models["free"]
     num_layers = exits_of(free).adapter.num_layers
     generate = lavis_class(free).generate
@@ -88,7 +89,7 @@ def measure(configs: Dict, images: List[torch.Tensor], batch: int, repeats: int)
     return {key: (statistics.median(times[key]), *outputs[key]) for key in configs}
 
 
-def frontier_figure(rows: List[dict], num_images: int):
+def frontier_figure(rows: List[dict], num_images: int, num_beams: int = 1):
     fig, axes = new_figure(12.5, 4.4, ncols=2)
     for ax, x, label in zip(axes, ("wall_speedup", "layer_speedup"),
                             ("wall-clock speedup vs LAVIS greedy (per caption)", "layer-count speedup (layers / layers run)")):
@@ -97,11 +98,12 @@ def frontier_figure(rows: List[dict], num_images: int):
             if points:
                 color, marker = STYLE[method]
                 ax.plot(*zip(*points), color=color, marker=marker, linestyle="-" if len(points) > 1 else "", label=method)
-        ax.set_xlabel(label)
+        ax.set_xlabel(label if num_beams == 1 else label.replace("LAVIS greedy", f"LAVIS beam search ({num_beams} beams)"))
         ax.set_ylabel("CIDEr (test)")
         ax.grid(alpha=0.3)
     axes[1].legend(**OUTSIDE_RIGHT)
-    fig.suptitle(f"Speed-quality frontier per method ({num_images} test images, batch 1, greedy)")
+    decoding = "greedy" if num_beams == 1 else f"beam search, {num_beams} beams"
+    fig.suptitle(f"Speed-quality frontier per method ({num_images} test images, batch 1, {decoding})")
     fig.tight_layout()
     return fig
 
@@ -120,6 +122,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
     parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search for every method (LAVIS's captioning uses 5)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench/results/frontier"))
     args = parser.parse_args()
@@ -134,7 +137,7 @@ def main() -> None:
     num_layers = exits_of(models["free"]).adapter.num_layers
 
     with torch.no_grad():
-        measured = measure(methods(models, args.thresholds, args.max_length), images, args.batch, args.repeats)
+        measured = measure(methods(models, args.thresholds, args.max_length, args.num_beams), images, args.batch, args.repeats)
     rows = []
     for (method, setting), (seconds, captions, layers) in measured.items():
         scores = caption_metrics([{"image_id": r["image_id"], "caption": c} for r, c in zip(rows_ann, captions)], gt, scorers=("cider",))
@@ -149,7 +152,7 @@ def main() -> None:
         r["cider_rel_drop"] = (ref["CIDEr"] - r["CIDEr"]) / ref["CIDEr"]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"config": args.cfg_path, "exits": checkpoints, "num_images": len(images), "batch": args.batch,
+    meta = {"config": args.cfg_path, "exits": checkpoints, "num_images": len(images), "batch": args.batch, "num_beams": args.num_beams,
             "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "cpu": os.cpu_count(), "command": " ".join(sys.argv)}
     (args.out / "frontier.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["| method | threshold / layers run | CIDEr | rel. drop | layers run per token | layer speedup | ms / caption | wall-clock speedup |",
@@ -158,7 +161,7 @@ def main() -> None:
         lines.append(f"| {r['method']} | {r['setting']} | {r['CIDEr']:.3f} | {100 * r['cider_rel_drop']:.1f}% | {r['avg_layers']:.2f} | "
                      f"{r['layer_speedup']:.2f}x | {r['ms_per_caption']:.1f} | {r['wall_speedup']:.2f}x |")
     (args.out / "frontier.md").write_text(json.dumps(meta) + "\n\n" + "\n".join(lines) + "\n")
-    save_figure(frontier_figure(rows, len(images)), args.out / "frontier.png")
+    save_figure(frontier_figure(rows, len(images), args.num_beams), args.out / "frontier.png")
     print("\n".join(lines))
 
 

@@ -910,12 +910,12 @@ def _img(*shape: int, **kw: Any) -> Callable[[], Dict[str, Any]]:
 
 
 ONE = _img(1, 3, 64, 64)
-_generate("beams_with_exits", "generate(num_beams=3, exit_threshold=0.5)", ["num_beams"], ONE, warn_ok=True,
-          num_beams=3, exit_threshold=0.5)
-_generate("repetition_penalty_with_exits", "generate(repetition_penalty=1.3, exit_threshold=0.5)",
-          ["repetition_penalty"], ONE, warn_ok=True, repetition_penalty=1.3, exit_threshold=0.5)
-_generate("sampling_with_exits", "generate(use_nucleus_sampling=True, exit_threshold=0.5)",
-          [("use_nucleus_sampling", "sampling")], ONE, warn_ok=True, use_nucleus_sampling=True, exit_threshold=0.5)
+_generate("more_captions_than_beams", "generate(num_beams=2, num_captions=3, exit_threshold=0.5)",
+          ["num_captions", "num_beams"], ONE, num_beams=2, num_captions=3, exit_threshold=0.5)
+_generate("top_p_above_one", "generate(use_nucleus_sampling=True, top_p=1.5, exit_threshold=0.5)", ["top_p"], ONE,
+          use_nucleus_sampling=True, top_p=1.5, exit_threshold=0.5)
+_generate("no_repeat_ngram_string", "generate(no_repeat_ngram_size='2', exit_threshold=0.5)", ["ngram_size"], ONE,
+          no_repeat_ngram_size="2", exit_threshold=0.5)
 _generate("threshold_negative", "generate(exit_threshold=-0.5)", ["exit_threshold"], ONE, exit_threshold=-0.5)
 _generate("threshold_nan", "generate(exit_threshold=nan)", ["exit_threshold"], ONE, exit_threshold=float("nan"))
 _generate("threshold_string", "generate(exit_threshold='0.5')", ["exit_threshold"], ONE, exit_threshold="0.5")
@@ -954,10 +954,10 @@ def predict_answers_count_mismatch(ctx: Ctx) -> None:
                                        max_len=3)
 
 
-@probe(GEN, "predict_answers(num_beams=3, exit_threshold=0.5)", expect=["num_beams"], warn_ok=True)
-def predict_answers_beams(ctx: Ctx) -> None:
-    ctx.shapes_model().predict_answers({"image": image(1, 3, 64, 64), "text_input": ["what?"]}, num_beams=3,
-                                       max_len=3, exit_threshold=0.5)
+@probe(GEN, "score_answers with 2 options for one question and 3 for the other", expect=["answer_options", "same number"])
+def score_answers_ragged(ctx: Ctx) -> None:
+    ctx.shapes_model().score_answers({"image": image(2, 3, 64, 64), "text_input": ["what?", "where?"]},
+                                     [["red", "blue"], ["left", "right", "top"]], exit_threshold=0.5)
 
 
 def _bad_image_in_dataset(name: str, tried: str, damage: Callable[[Path], None]) -> None:

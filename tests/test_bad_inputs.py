@@ -217,3 +217,18 @@ def test_bad_image_files_name_the_file_and_the_annotation(data_dir, name, split,
             f.write(data)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True, "LAVIS's process-wide setting is left as it was"
     assert dataset[1]["image"].shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"use_nucleus_sampling": True, "top_p": 1.5}, r"top_p=1.5 is invalid: expected a number in \(0, 1\]"),
+    ({"use_nucleus_sampling": True, "temperature": 0}, r"temperature=0 is invalid"),
+    ({"repetition_penalty": float("nan")}, r"repetition_penalty=nan is invalid"),
+    ({"no_repeat_ngram_size": "2"}, r"no_repeat_ngram_size='2' is invalid: expected an integer >= 0"),
+    ({"top_k": -1}, r"top_k=-1 is invalid"),
+    ({"bad_words_ids": [1, 2]}, r"bad_words_ids=\[1, 2\] is invalid: expected a list of token id lists"),
+    ({"num_beams": 2, "num_captions": 3}, r"num_captions=3 needs num_beams >= 3"),
+])
+def test_decoding_settings_are_checked_before_any_work(images, setting, match):
+    """Hugging Face skips some of these silently (top_p above 1) and fails deep on others."""
+    with pytest.raises(ValueError, match=match):
+        exit_model().generate({"image": images}, **{"num_beams": 1, "max_length": 4, **setting})

@@ -38,7 +38,7 @@ from lavis_free.exits.feature_cache import backbone_fingerprint
 from lavis_free.exits.options import ExitOptions
 from lavis_free.exits.processors import GREEDY, TokenChoice, token_choice
 from lavis_free.hosts.binding import HF_KEYWORDS, HostBinding, binding_for, hf_extras
-from lavis_free.hosts.inputs import check_images, check_int, samples_entry, text_batch
+from lavis_free.hosts.inputs import check_decoding, check_images, samples_entry, text_batch
 from lavis_free.models import weights
 
 EXIT_PREFIX = "early_exits."
@@ -159,8 +159,7 @@ class AttachedExits:
         ExitOptions.check_names(kwargs, "generate()", also=tuple(defaults) + HF_KEYWORDS)
         decoding = {name: kwargs.pop(name, default) for name, default in defaults.items()}
         decoding.update({name: kwargs.pop(name) for name in HF_KEYWORDS if name in kwargs})
-        for name, low in (("num_beams", 1), ("num_captions", 1), ("max_length", 1), ("min_length", 0)):
-            check_int(name, decoding[name], low)
+        check_decoding(decoding)
         if decoding["num_captions"] > decoding["num_beams"] and not decoding["use_nucleus_sampling"]:
             raise ValueError(
                 f"num_captions={decoding['num_captions']} needs num_beams >= {decoding['num_captions']} (beam search "

@@ -43,6 +43,33 @@ def check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {low}")
 
 
+def check_number(name: str, value: Any, low: float, high: float = float("inf"), low_open: bool = True) -> None:
+    """A real number in (low, high] (or [low, high] with `low_open=False`)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or value != value or value > high or value < low or (low_open and value == low):
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name}={value!r} is invalid: expected a number in {bounds}")
+
+
+def check_decoding(decoding: Mapping[str, Any]) -> None:
+    """LAVIS's decoding settings and the Hugging Face extras, before any work (Hugging Face
+    skips some silently, e.g. top_p above 1, and fails deep on others, e.g. a string n-gram size)."""
+    for name, low in (("num_beams", 1), ("num_captions", 1), ("max_length", 1), ("min_length", 0)):
+        check_int(name, decoding[name], low)
+    check_number("top_p", decoding["top_p"], 0.0, 1.0)
+    check_number("temperature", decoding["temperature"], 0.0)
+    check_number("repetition_penalty", decoding["repetition_penalty"], 0.0)
+    check_number("length_penalty", decoding["length_penalty"], float("-inf"), low_open=False)
+    for name in ("no_repeat_ngram_size", "top_k"):
+        if name in decoding:
+            check_int(name, decoding[name], 0)
+    bad = decoding.get("bad_words_ids")
+    if bad is not None and not (isinstance(bad, (list, tuple)) and bad and all(
+            isinstance(ids, (list, tuple)) and ids and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+            for ids in bad)):
+        raise ValueError(f"bad_words_ids={bad!r} is invalid: expected a list of token id lists, e.g. [[12], [7, 9]]")
+
+
 def check_images(model: nn.Module, image: Any) -> torch.Tensor:
     """`samples["image"]` checked against what the vision encoder takes, cast to its dtype.
 
