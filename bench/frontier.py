@@ -3,6 +3,8 @@
 Methods (same weights, same test images, greedy or `--num-beams` beam search, batch 1 unless
 --batch, timed in one process after a warm-up, configs interleaved per repeat):
   lavis           LAVIS's own `generate(num_beams=...)` (`Blip2OPT`), the reference of every speedup
+  engine          the early-exit engine with exits off (`early_exit=False`): its own cost, and
+                  with beams its single prefill, apart from what exits save
   free, no_adversarial, vanilla
                   the engine with each layout's trained exits, one point per threshold
   static          the engine leaving every token at one exit (threshold 0 from that exit on:
@@ -41,7 +43,7 @@ from lavis_free.tasks.caption_metrics import caption_metrics
 LAYOUTS = ("free", "no_adversarial", "vanilla")
 THRESHOLDS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 STYLE = {"free": ("tab:red", "o"), "no_adversarial": ("tab:green", "^"), "vanilla": ("tab:orange", "s"),
-         "static": ("tab:blue", "D"), "lavis": ("black", "*")}
+         "static": ("tab:blue", "D"), "lavis": ("black", "*"), "engine": ("grey", "P")}
 
 Decode = Callable[[torch.Tensor], Tuple[List[str], List[List[int]]]]
 
@@ -62,7 +64,7 @@ def methods(models: Dict[str, torch.nn.Module], thresholds, max_length: int, num
             return captions, stats["exit_layers"]
         return decode
 
-    configs: Dict[Tuple[str, float], Decode] = {("lavis", num_layers): lavis}
+    configs: Dict[Tuple[str, float], Decode] = {("lavis", num_layers): lavis, ("engine", num_layers): engine(free, early_exit=False)}
     for layout, model in models.items():
         for t in thresholds:
             configs[(layout, t)] = engine(model, exit_threshold=t)
@@ -93,7 +95,7 @@ def frontier_figure(rows: List[dict], num_images: int, num_beams: int = 1):
     fig, axes = new_figure(12.5, 4.4, ncols=2)
     for ax, x, label in zip(axes, ("wall_speedup", "layer_speedup"),
                             ("wall-clock speedup vs LAVIS greedy (per caption)", "layer-count speedup (layers / layers run)")):
-        for method in ("lavis", "static", "vanilla", "no_adversarial", "free"):
+        for method in ("lavis", "engine", "static", "vanilla", "no_adversarial", "free"):
             points = sorted((r[x], r["CIDEr"]) for r in rows if r["method"] == method)
             if points:
                 color, marker = STYLE[method]

@@ -246,7 +246,7 @@ def test_demo_runs_every_step_at_toy_size(tmp_path):
     assert f"report: {report_md}" in proc.stdout and "calibrated threshold (recompute" in proc.stdout
     report_json = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report_json["calibration"]["test"]["num_samples"] == 4 and "exit_quality" in report_json
-    assert {r["method"] for r in report_json["frontier"]["rows"]} == {"lavis", "free", "no_adversarial", "vanilla", "static"}
+    assert {r["method"] for r in report_json["frontier"]["rows"]} == {"lavis", "engine", "free", "no_adversarial", "vanilla", "static"}
     assert set(report_json["exit_quality"]["quality"]) >= {"free", "no_adversarial", "vanilla"}
     assert report_json["exits_by_kind"]["counts"]
     rows = report_json["tasks"]["rows"]

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 from tqdm import tqdm
 
-from lavis_free.evaluation.oracle import capture_decodes, oracle_figures, oracle_stats
+from lavis_free.evaluation.oracle import capture_decodes, is_plain_greedy, oracle_figures, oracle_stats
 from lavis_free.evaluation.outputs import atomic_write, prepare_output_dir
 from lavis_free.evaluation.plots import plot_exit_histograms
 from lavis_free.evaluation.runs import (
@@ -105,9 +105,12 @@ def run_calibration(project: Project, calib_split: str, test_split: str, toleran
     bar.update()
     reference = compared_figures(full, None, metric)
     result["oracle"] = oracle_figures(oracle_stats(project.model, calls))
-    # the oracle is defined on generated tokens: for a ranking metric (VisDial) it describes the
-    # task's generated answers, not the decoding the metric judges
-    result["oracle"]["of"] = "generated answers" if project.task.headline_decoding else "generated tokens"
+    # the oracle is defined on greedy decoding: for a ranking metric (VisDial) it describes the
+    # task's generated answers, not the decoding the metric judges; beams have none
+    if not any(is_plain_greedy(call.options) for call in calls):
+        result["oracle"]["of"] = "none (beam search, sampling or logits processors: no oracle)"
+    else:
+        result["oracle"]["of"] = "generated answers" if project.task.headline_decoding else "generated tokens"
     bar.update()
     result["test"] = {
         "split": test_split,
@@ -148,6 +151,8 @@ def calibration_markdown(result: Mapping[str, Any]) -> str:
         "",
         sweep_markdown(result["test"]),
         f"## Oracle exit (ceiling at zero quality loss{', of the generated answers' if oracle.get('of') == 'generated answers' else ''})",
+        "",
+        f"Not measured: {oracle['of']}." if str(oracle.get("of", "")).startswith("none") else "",
         "",
         ("The ranking the metric judges has no oracle here: the rows below are the task's generated answers. "
          if oracle.get("of") == "generated answers" else "")

@@ -133,13 +133,14 @@ def teacher_forced_argmax(model: torch.nn.Module, call: DecodeCall, steps: int) 
 def oracle_stats(model: torch.nn.Module, calls: Sequence[DecodeCall]) -> Dict[str, Any]:
     """Exit stats (the format of `generate(return_exit_stats=True)`) of the oracle exit over
     full-depth decodes, with each decode's `min_exit_layer`; a model without exits gives full
-    depth everywhere. Scoring calls (`score_answers`: forced tokens, e.g. VisDial's ranking) are
-    left out: the oracle is defined on what the model generates."""
+    depth everywhere. The oracle is defined on what greedy decoding generates: scoring calls
+    (`score_answers`, VisDial's ranking), beam search, sampling, several captions per image and
+    logits processors are left out (their tokens are not the argmax of one row's logits)."""
     host = exits_of(model)
     num_layers = host.adapter.num_layers
     stats: Dict[str, Any] = {"exit_layers": [], "exit_blocks_run": [], "heads_run": [], "num_layers": num_layers,
                              "head_cost": host.adapter.head_cost_in_layers()}
-    for call in (c for c in calls if c.options.forced_tokens is None):
+    for call in (c for c in calls if is_plain_greedy(c.options)):
         if call.options.exits.enabled:
             raise ValueError("the oracle needs full-depth decodes (early_exit=False)")
         lengths = [len(row) for row in host.exit_stats(call.result)["exit_layers"]]
@@ -152,6 +153,12 @@ def oracle_stats(model: torch.nn.Module, calls: Sequence[DecodeCall]) -> Dict[st
             stats["exit_blocks_run"].append(blocks)
             stats["heads_run"].append(heads)
     return stats
+
+
+def is_plain_greedy(options: DecodeOptions) -> bool:
+    """Whether a decode's tokens are each row's argmax with no processor (what the oracle reads)."""
+    return (options.forced_tokens is None and options.beams is None and options.copies == 1
+            and options.choice.processors is None and not options.choice.sampling)
 
 
 def oracle_figures(stats: Mapping[str, Any]) -> Dict[str, Any]:

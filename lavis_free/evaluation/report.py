@@ -92,9 +92,11 @@ def exit_quality_markdown(report: Mapping[str, Any]) -> str:
 
 
 def frontier_markdown(frontier: Mapping[str, Any]) -> str:
-    """One row per (method, setting): quality and both speedups against LAVIS greedy."""
+    """One row per (method, setting): quality and both speedups against LAVIS's own decoding."""
     meta = frontier["meta"]
-    lines = [f"{meta['num_images']} test images at batch {meta['batch']}; speedups against LAVIS's own greedy "
+    beams = meta.get("num_beams", 1)
+    decoding = "greedy" if beams == 1 else f"{beams}-beam"
+    lines = [f"{meta['num_images']} test images at batch {meta['batch']}; speedups against LAVIS's own {decoding} "
              "`generate` on the same weights (wall-clock per caption, whole caption).", "",
              "| method | threshold (static: layers run) | CIDEr | rel. drop | layers run per token | layer speedup | wall-clock speedup |",
              "|---|---|---|---|---|---|---|"]

@@ -1,4 +1,4 @@
-"""Early-exit greedy decoding that skips layers for real.
+"""Early-exit decoding that skips layers for real: greedy, sampling, scoring and beam search.
 
 The prefix (image queries + prompt) runs at full depth, filling every backbone layer's and every
 exit transformer's cache. Then, token by token, decoder layers run one at a time; after an exit
@@ -12,8 +12,12 @@ finished (EOS) stop computing once they are more than half the batch (before tha
 others costs more than computing them; their tokens are padding either way). With `recompute`, a row's window also carries its pending columns; rows with shorter
 windows are masked within the batched call.
 
-With exits off (`early_exit=False`, options.py) the engine is plain full-depth greedy decoding and
-gives the same tokens as Hugging Face `generate(num_beams=1)` on the same weights.
+With exits off (`early_exit=False`, options.py) the engine is plain full-depth decoding and gives
+the same tokens as Hugging Face `generate` with the same settings on the same weights: greedy,
+sampling (same seed), beam search, with the same logits processors (`DecodeOptions.choice`).
+In beam search the exit rule reads the processed log-probabilities Hugging Face's beam search
+ranks (a repetition penalty scales log-probs there, logits in greedy decoding), so a threshold
+calibrated for greedy decoding is not the same confidence under beams with a penalty.
 
 Scoring (`DecodeOptions.forced_tokens`): the same loop, but each row emits its given token
 instead of the argmax, and records that token's log-probability under the logits it is emitted
@@ -25,9 +29,10 @@ repeated after it.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -86,7 +91,7 @@ class BeamSettings:
 
     num_beams: int
     length_penalty: float = 1.0
-    early_stopping: bool = False
+    early_stopping: Union[bool, str] = False  # as the LM's generation_config says ("never" on 4.33)
     num_return_sequences: int = 1
 
 
@@ -410,9 +415,11 @@ class EarlyExitDecoder:
         batch = samples * num_beams
         self.tokens = torch.full((batch, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=device)
         self.start_ids = lm_batch.input_ids.repeat_interleave(num_beams, dim=0)
+        max_length = lm_batch.input_ids.shape[1] + opts.max_new_tokens
+        scorer_args = {"max_length": max_length} if "max_length" in inspect.signature(BeamSearchScorer).parameters else {}
         scorer = BeamSearchScorer(batch_size=samples, num_beams=num_beams, device=device,
                                   length_penalty=settings.length_penalty, do_early_stopping=settings.early_stopping,
-                                  num_beam_hyps_to_keep=settings.num_return_sequences)
+                                  num_beam_hyps_to_keep=settings.num_return_sequences, **scorer_args)
         beam_scores = torch.zeros(samples, num_beams, dtype=torch.float, device=device)
         beam_scores[:, 1:] = -1e9  # step 0: every beam of a sample is the same; only the first counts
         beam_scores = beam_scores.view(-1)
@@ -455,7 +462,7 @@ class EarlyExitDecoder:
                 heads_run[row].append(int(blocks[i]) + int(at_head[i]))
         finals = scorer.finalize(self._ids_so_far(slice(None), step), beam_scores, next_tokens, next_indices,
                                  pad_token_id=opts.pad_token_id, eos_token_id=opts.eos_token_id,
-                                 max_length=self.start_ids.shape[1] + opts.max_new_tokens)["sequences"]
+                                 max_length=max_length)["sequences"]
         generated = finals[:, self.start_ids.shape[1]:]
         tokens = torch.full((len(generated), opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=device)
         tokens[:, : generated.shape[1]] = generated

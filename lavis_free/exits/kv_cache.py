@@ -77,6 +77,8 @@ class DecodeCache:
     def reorder_rows(self, order: torch.Tensor) -> None:
         """Row i becomes what row `order[i]` was (beam search keeping some beams, copying
         others), with its filled counts, so pending `recompute` columns move with their row."""
+        if torch.equal(order, torch.arange(len(order), device=order.device)):
+            return  # every beam kept its own row: nothing to copy
         self.keys = self.keys.index_select(1, order)
         self.values = self.values.index_select(1, order)
         self.states = self.states.index_select(0, order)

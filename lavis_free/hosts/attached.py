@@ -153,8 +153,9 @@ class AttachedExits:
     def generate_texts(
         self, image: torch.Tensor, prompts: Sequence[str], return_exit_stats: bool = False, **kwargs: Any
     ) -> Union[List[str], Tuple[List[str], dict]]:
-        """One continuation per prompt: the engine for greedy decoding, the host's LAVIS decoding
-        otherwise. `kwargs` are LAVIS's generate keywords and the early-exit options."""
+        """`num_captions` continuations per prompt (greedy: one), decoded by the engine for every
+        setting (module docstring). `kwargs` are LAVIS's generate keywords, the Hugging Face extras
+        (`HF_KEYWORDS`) and the early-exit options."""
         defaults = self.binding.generate_defaults
         ExitOptions.check_names(kwargs, "generate()", also=tuple(defaults) + HF_KEYWORDS)
         decoding = {name: kwargs.pop(name, default) for name, default in defaults.items()}
@@ -170,7 +171,7 @@ class AttachedExits:
         beams = None
         if decoding["num_beams"] > 1 and not sampling:  # sampling ignores num_beams, as LAVIS does
             beams = BeamSettings(decoding["num_beams"], float(decoding["length_penalty"]),
-                                 bool(self.lm.generation_config.early_stopping), decoding["num_captions"])
+                                 self.lm.generation_config.early_stopping, decoding["num_captions"])
         ids = self.binding.special_ids(self.model)
         new_tokens = self.binding.max_new_tokens(decoding["max_length"])
         if new_tokens < 1:
@@ -205,6 +206,8 @@ class AttachedExits:
             generation.update(top_p=decoding["top_p"], temperature=decoding["temperature"])
         if not generation:
             return GREEDY
+        ids = self.binding.special_ids(self.model)  # the host's, not the LM config's (BLIP-2 OPT ends on "\n")
+        generation.update(eos_token_id=ids.eos_token_id, pad_token_id=ids.pad_token_id)
         num_beams = 1 if sampling else decoding["num_beams"]
         return token_choice(self.lm, generation, lm_batch.input_ids.shape[1], new_tokens, do_sample=sampling,
                             num_beams=num_beams)
@@ -215,7 +218,8 @@ class AttachedExits:
         confidence, min_exit_layer; None = the config's `exits.inference`). `samples["prompt"]`
         is one string for the batch or one per image (default: the model's prompt). With
         `return_exit_stats=True` returns `(captions, stats)`: `stats["exit_layers"][i][t]` is the
-        number of LM decoder layers run for token t of sample i (up to its EOS)."""
+        number of LM decoder layers run for token t of sample i (up to its EOS); with beam search
+        row i is a beam slot and t its every computed step."""
         image = check_images(self.model, samples_entry(samples, "image"))
         prompts = text_batch(samples.get("prompt", getattr(self.model, "prompt", "")), "prompt", len(image))
         return self.generate_texts(image, prompts, return_exit_stats=return_exit_stats, **kwargs)

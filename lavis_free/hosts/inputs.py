@@ -6,6 +6,7 @@ entry, what it got and what is expected.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, List, Mapping, Tuple
 
 import torch
@@ -45,8 +46,8 @@ def check_int(name: str, value: Any, low: int) -> None:
 
 def check_number(name: str, value: Any, low: float, high: float = float("inf"), low_open: bool = True) -> None:
     """A real number in (low, high] (or [low, high] with `low_open=False`)."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or value != value or value > high or value < low or (low_open and value == low):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value > high or value < low or (low_open and value == low):
         bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise ValueError(f"{name}={value!r} is invalid: expected a number in {bounds}")
 
@@ -59,7 +60,7 @@ def check_decoding(decoding: Mapping[str, Any]) -> None:
     check_number("top_p", decoding["top_p"], 0.0, 1.0)
     check_number("temperature", decoding["temperature"], 0.0)
     check_number("repetition_penalty", decoding["repetition_penalty"], 0.0)
-    check_number("length_penalty", decoding["length_penalty"], float("-inf"), low_open=False)
+    check_number("length_penalty", decoding["length_penalty"], -1e9, 1e9, low_open=False)
     for name in ("no_repeat_ngram_size", "top_k"):
         if name in decoding:
             check_int(name, decoding[name], 0)

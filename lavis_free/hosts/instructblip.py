@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lavis_free.exits.lm_batch import IGNORE_INDEX, LMBatch, shift_to_aligned
-from lavis_free.hosts.binding import HostBinding, SpecialIds, register_host
+from lavis_free.hosts.binding import HostBinding, SpecialIds, hf_extras, register_host
 from lavis_free.hosts.blip2 import training_texts
 from lavis_free.hosts.blip2_t5 import Blip2T5Binding
 from lavis_free.hosts.inputs import vision_input
@@ -158,8 +158,9 @@ class InstructBlipVicunaBinding(HostBinding):
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, do_sample=sampling, **sampling_only,
                 num_beams=decoding["num_beams"], max_length=decoding["max_length"], min_length=decoding["min_length"],
                 repetition_penalty=decoding["repetition_penalty"], length_penalty=decoding["length_penalty"],
-                num_return_sequences=decoding["num_captions"], bad_words_ids=[[pad]],
+                num_return_sequences=decoding["num_captions"],
                 eos_token_id=model.llm_tokenizer.eos_token_id, pad_token_id=pad,
+                **{**hf_extras(decoding), "bad_words_ids": [[pad]] + list(decoding.get("bad_words_ids") or [])},
             )[:, 1:]  # after the placeholder
 
     def settings(self, model: nn.Module) -> dict:
