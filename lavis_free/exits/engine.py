@@ -267,16 +267,9 @@ class EarlyExitDecoder:
         batch, prefix = lm_batch.attention_mask.shape
         copies = opts.copies_per_row(batch)
         device = lm_batch.inputs_embeds.device
-        started = synced_clock(device)
-        features = self.prefill(lm_batch, opts.max_new_tokens, use_exits)
-        prefilled = synced_clock(device)
-        if copies > 1:
-            self.cache.repeat_rows(copies)
-            self.encoder = self.encoder.repeat_rows(copies) if self.encoder is not None else None
-            features = features.repeat_interleave(copies, dim=0)
-            batch *= copies
+        features, seconds, prefilled = self._prefill_copies(lm_batch, opts.max_new_tokens, use_exits, copies)
+        batch *= copies
         cache = self.cache
-        copied = synced_clock(device) if copies > 1 else prefilled
 
         self.tokens = tokens = torch.full((batch, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=device)
         self.start_ids = self._start_ids(lm_batch, opts, copies)
@@ -321,9 +314,27 @@ class EarlyExitDecoder:
             num_layers=num_layers,
             head_cost=adapter.head_cost_in_layers(),
             token_logprobs=logprobs,
-            seconds={"prefill": prefilled - started, "decode": synced_clock(device) - copied,
-                     **({"copy": copied - prefilled} if copies > 1 else {})},
+            seconds={**seconds, "decode": synced_clock(device) - prefilled},
         )
+
+    def _prefill_copies(self, lm_batch: LMBatch, max_new_tokens: int, use_exits: bool,
+                        copies: int) -> Tuple[torch.Tensor, Dict[str, float], float]:
+        """The prefill, then each row as `copies` consecutive rows (cache, encoder context, last
+        features: candidates, samples or beams of one prompt). Returns the features, the seconds
+        of "prefill" (and "copy"), and the clock reading the token loop starts from."""
+        device = lm_batch.inputs_embeds.device
+        started = synced_clock(device)
+        features = self.prefill(lm_batch, max_new_tokens, use_exits)
+        prefilled = synced_clock(device)
+        seconds = {"prefill": prefilled - started}
+        if copies == 1:
+            return features, seconds, prefilled
+        self.cache.repeat_rows(copies)
+        self.encoder = self.encoder.repeat_rows(copies) if self.encoder is not None else None
+        features = features.repeat_interleave(copies, dim=0)
+        copied = synced_clock(device)
+        seconds["copy"] = copied - prefilled
+        return features, seconds, copied
 
     def _allowed_exits(self, opts: DecodeOptions, use_exits: bool) -> Dict[int, int]:
         """Exit index by the decoder layer it follows, for the exits this decode may take."""
@@ -377,7 +388,11 @@ class EarlyExitDecoder:
         at_head = np.zeros(len(active), dtype=bool)
         if len(going):
             rows = cache.rows(going)
-            keep(self._scores(adapter.logits(cache.states[rows, col]), step, opts, rows, scores), going)
+            logits = self._scores(adapter.logits(cache.states[rows, col]), step, opts, rows, scores)
+            if chosen is None and len(going) == len(active):
+                chosen = logits  # no row left early: nothing to gather
+            else:
+                keep(logits, going)
             at_head[np.searchsorted(active, going)] = True
         return chosen, layers, blocks, at_head
 
@@ -405,13 +420,7 @@ class EarlyExitDecoder:
         if lm_batch.input_ids is None:
             raise ValueError("beam search needs LMBatch.input_ids (the ids generate starts from, that its length "
                              "penalty counts); the host binding's decode_batch must set them")
-        started = synced_clock(device)
-        features = self.prefill(lm_batch, opts.max_new_tokens, use_exits)
-        prefilled = synced_clock(device)
-        self.cache.repeat_rows(num_beams)
-        self.encoder = self.encoder.repeat_rows(num_beams) if self.encoder is not None else None
-        features = features.repeat_interleave(num_beams, dim=0)
-        copied = synced_clock(device)
+        features, seconds, prefilled = self._prefill_copies(lm_batch, opts.max_new_tokens, use_exits, num_beams)
         batch = samples * num_beams
         self.tokens = torch.full((batch, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=device)
         self.start_ids = lm_batch.input_ids.repeat_interleave(num_beams, dim=0)
@@ -469,7 +478,7 @@ class EarlyExitDecoder:
         return DecodeResult(
             tokens=tokens, layers_run=layers_run, exit_blocks_run=exit_blocks_run, heads_run=heads_run,
             num_layers=num_layers, head_cost=adapter.head_cost_in_layers(), per_beam_slot=True,
-            seconds={"prefill": prefilled - started, "copy": copied - prefilled, "decode": synced_clock(device) - copied},
+            seconds={**seconds, "decode": synced_clock(device) - prefilled},
             extra={"fed": fed},  # per beam slot at the end, its tokens (self.tokens) fed into the cache
         )
 
