@@ -8,16 +8,28 @@ parameter count); efficiency = measured speedup / ideal speedup. Target: >= 0.85
 The ideal counts generated tokens only, so efficiency is computed on decode time (each arm's own
 prefill, timed separately, subtracted); the end-to-end speedup is reported beside it.
 
+Where the decode time goes (ms per token): the adapter's decoder-layer calls (exit transformers
+included), the head's calls (exit checks and final), the `propagate` projections, and the rest
+(the engine's own bookkeeping). A layer call on a few rows costs far more than its share of a
+full-batch call when decoding is memory-bound, so `layer calls` shows how much of the ideal the
+hardware lets a per-row exit keep; `rest` is what the engine adds.
+
+`--checks learned` replays the same schedule with the learned exit check (confidence.py): a check
+that does not fire runs no head (the heads here are random; the schedule decides).
+
     python bench/systems_efficiency.py --out bench/results
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Dict, Iterator
 
 import numpy as np
 import torch
@@ -27,6 +39,7 @@ from lavis_free.exits.adapters import adapter_for
 from lavis_free.exits.config import ExitConfig
 from lavis_free.exits.early_exits import EarlyExits
 from lavis_free.exits.engine import DecodeOptions, DecodeResult, EarlyExitDecoder
+from lavis_free.exits.kv_cache import DecodeCache
 from lavis_free.exits.lm_batch import LMBatch
 from lavis_free.exits.options import ExitOptions
 
@@ -47,8 +60,42 @@ class ReplayedExits(EarlyExitDecoder):
         super().__init__(adapter, early_exits)
         self.schedule = schedule  # [batch, tokens]: exit index to leave at, -1 = full depth
 
-    def _decide_exits(self, logits, opts, exit_index, rows, step):
+    def _decide_exits(self, confidence, opts, exit_index, rows, step):
         return self.schedule[rows, step] == exit_index
+
+
+PARTS = ("layer_calls", "head", "propagate")
+
+
+@contextlib.contextmanager
+def time_parts(adapter, totals: Dict[str, float], device: torch.device) -> Iterator[None]:
+    """Adds the seconds of every adapter layer call, head call and propagate into `totals`."""
+    originals = {"layer_calls": adapter.forward_layer, "head": adapter.head}
+
+    def timed(key, fn):
+        def run(*args, **kwargs):
+            start = synced(device)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[key] += synced(device) - start
+        return run
+
+    adapter.forward_layer = timed("layer_calls", originals["layer_calls"])
+    adapter.head = timed("head", originals["head"])
+    propagate = DecodeCache.propagate
+    DecodeCache.propagate = lambda self, *a, **k: timed("propagate", propagate)(self, *a, **k)
+    try:
+        yield
+    finally:
+        del adapter.forward_layer, adapter.head
+        DecodeCache.propagate = propagate
+
+
+def synced(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def layer_speedup(result: DecodeResult) -> float:
@@ -72,6 +119,8 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=40, help="prefix columns (BLIP-2: 32 queries + prompt)")
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--policies", nargs="+", default=["recompute", "propagate"])
+    parser.add_argument("--checks", nargs="+", choices=["softmax", "learned"], default=["softmax"],
+                        help="exit checks: softmax (max_prob on the head's logits) or learned (no head unless it fires)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16/float16 (GPU default: bfloat16)")
@@ -89,6 +138,7 @@ def main() -> None:
     lm = OPTForCausalLM(cfg).to(device=device, dtype=dtype).eval()
     adapter = adapter_for(lm)
     exits = EarlyExits(adapter, ExitConfig.from_dict({"layers": exit_layers}, depth)).to(device, dtype).eval()
+    exits.confidence_fitted.fill_(True)  # random heads: the replayed schedule decides, not they
 
     rng = np.random.default_rng(0)
     rows = []
@@ -114,29 +164,40 @@ def main() -> None:
             return statistics.median(times), out
 
         def timed(decoder: EarlyExitDecoder, opts: DecodeOptions):
-            """(generate seconds, its own prefill's seconds, the result)."""
+            """(generate seconds, its own prefill's seconds, the result, ms per token by part of
+            one more, instrumented decode)."""
             lm_batch = LMBatch(prefix, mask)
             prefill_s, _ = median_time(lambda: decoder.prefill(lm_batch, opts.max_new_tokens, opts.exits.enabled))
             seconds, result = median_time(lambda: decoder.generate(lm_batch, opts))
-            return seconds, prefill_s, result
+            totals: Dict[str, float] = defaultdict(float)
+            with time_parts(adapter, totals, device):
+                decoder.prefill(lm_batch, opts.max_new_tokens, opts.exits.enabled)
+                prefill_parts = {k: totals[k] for k in PARTS}
+                instrumented = decoder.generate(lm_batch, opts)
+            parts = {k: totals[k] - 2 * prefill_parts[k] for k in PARTS}  # generate runs its own prefill
+            parts["rest"] = instrumented.seconds["decode"] - sum(parts.values())
+            return seconds, prefill_s, result, {f"{k}_ms_per_token": 1000 * v / args.new_tokens for k, v in parts.items()}
 
         base = dict(max_new_tokens=args.new_tokens, eos_token_id=-1, pad_token_id=1)
-        full_s, full_prefill_s, _ = timed(EarlyExitDecoder(adapter, exits), DecodeOptions(**base))
-        for policy in args.policies:
-            seconds, prefill_s, result = timed(
-                ReplayedExits(adapter, exits, schedule),
-                DecodeOptions(**base, exits=ExitOptions(exit_threshold=0.0, kv_policy=policy)),
-            )
-            ideal = layer_speedup(result)
-            measured = (full_s - full_prefill_s) / (seconds - prefill_s)
-            rows.append({
-                "batch": batch, "policy": policy,
-                "full_decode_ms_per_token": 1000 * (full_s - full_prefill_s) / args.new_tokens,
-                "exit_decode_ms_per_token": 1000 * (seconds - prefill_s) / args.new_tokens,
-                "ideal_speedup": ideal, "measured_speedup": measured, "efficiency": measured / ideal,
-                "end_to_end_speedup": full_s / seconds,
-            })
-            print(json.dumps(rows[-1]))
+        full_s, full_prefill_s, _, full_parts = timed(EarlyExitDecoder(adapter, exits), DecodeOptions(**base))
+        for check in args.checks:
+            for policy in args.policies:
+                confidence = "learned" if check == "learned" else "max_prob"
+                seconds, prefill_s, result, parts = timed(
+                    ReplayedExits(adapter, exits, schedule),
+                    DecodeOptions(**base, exits=ExitOptions(exit_threshold=0.0, kv_policy=policy, confidence=confidence)),
+                )
+                ideal = layer_speedup(result)
+                measured = (full_s - full_prefill_s) / (seconds - prefill_s)
+                rows.append({
+                    "batch": batch, "policy": policy, "check": check,
+                    "full_decode_ms_per_token": 1000 * (full_s - full_prefill_s) / args.new_tokens,
+                    "exit_decode_ms_per_token": 1000 * (seconds - prefill_s) / args.new_tokens,
+                    "ideal_speedup": ideal, "measured_speedup": measured, "efficiency": measured / ideal,
+                    "end_to_end_speedup": full_s / seconds,
+                    "full_depth_parts": full_parts, "parts": parts,
+                })
+                print(json.dumps(rows[-1]))
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -148,14 +209,19 @@ def main() -> None:
     name = f"systems_efficiency_{args.dims}_{device.type}"
     (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        "| batch | policy | full decode ms/token | exit decode ms/token | ideal layer-count speedup "
+        "| batch | policy | exit check | full decode ms/token | exit decode ms/token | ideal layer-count speedup "
         "| measured decode speedup (ms/token ratio) | efficiency (measured / ideal) "
-        "| end-to-end speedup (prefill included) |",
-        "|" + "---|" * 8,
+        "| end-to-end speedup (prefill included) | ms/token in layer calls / head / propagate / rest, exits (full depth) |",
+        "|" + "---|" * 10,
     ]
+
+    def split(r):
+        return " / ".join(f"{r['parts'][f'{k}_ms_per_token']:.1f} ({r['full_depth_parts'][f'{k}_ms_per_token']:.1f})"
+                          for k in PARTS + ("rest",))
+
     lines += [
-        f"| {r['batch']} | {r['policy']} | {r['full_decode_ms_per_token']:.2f} | {r['exit_decode_ms_per_token']:.2f} | "
-        f"{r['ideal_speedup']:.2f}x | {r['measured_speedup']:.2f}x | {r['efficiency']:.2f} | {r['end_to_end_speedup']:.2f}x |"
+        f"| {r['batch']} | {r['policy']} | {r['check']} | {r['full_decode_ms_per_token']:.2f} | {r['exit_decode_ms_per_token']:.2f} | "
+        f"{r['ideal_speedup']:.2f}x | {r['measured_speedup']:.2f}x | {r['efficiency']:.2f} | {r['end_to_end_speedup']:.2f}x | {split(r)} |"
         for r in rows
     ]
     (args.out / f"{name}.md").write_text(json.dumps(meta) + "\n\n" + "\n".join(lines) + "\n")

@@ -139,6 +139,7 @@ class StubExit(nn.Module):
     """FREE-style exit (own cached layer, identity here) whose logits are a lookup table."""
 
     uses_cache = True
+    reads_lm_head = False  # its own table (a FREE exit reads the LM's head)
 
     def __init__(self, table):
         super().__init__()
@@ -166,7 +167,8 @@ def build(exit_table):
             table[4 + r] = logits_row(dist, TOP[(E0, E1)[k]][r])
         tables.append(table)
     adapter = StubAdapter(head)
-    exits = SimpleNamespace(exits=[StubExit(t) for t in tables], config=SimpleNamespace(layers=EXIT_LAYERS))
+    exits = SimpleNamespace(exits=[StubExit(t) for t in tables], config=SimpleNamespace(layers=EXIT_LAYERS),
+                            confidence_heads=None, confidence_fitted=torch.tensor(False))
     return adapter, exits
 
 
@@ -254,6 +256,41 @@ def test_each_row_leaves_at_its_first_confident_exit(confidence, kv_policy):
     assert rows_run(exits.exits[1].layer) == [1, 2]
     assert [row[1] for row in result.exit_blocks_run] == [1, 2, 2, 1]
     assert [row[1] for row in result.heads_run] == [1, 2, 3, 1]
+
+
+# ---- the learned confidence: read from features, the head only for rows that leave ----------
+class LearnedStub(nn.Module):
+    """A confidence head whose output for row r's decided token (input 4 + r) is `values[r]`."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.register_buffer("by_token", torch.tensor([0.0] * 4 + list(values)))
+
+    def forward(self, features):
+        return features @ self.by_token
+
+
+@pytest.mark.parametrize("kv_policy", ["recompute", "propagate"])
+def test_learned_confidence_decides_from_features_and_pays_the_head_only_on_leaving(kv_policy):
+    """Exit 0's head says 0.7, 0.5, 0.55, 0.62 and exit 1's 0.4, 0.9, 0.59, 0.8 for rows 0-3:
+    at 0.6 rows leave at exit 0, exit 1, full depth, exit 0, whatever the exits' logits (uniform
+    here: every softmax confidence would keep every row); each row pays one head application."""
+    adapter, exits = build([[UNIFORM] * ROWS, [UNIFORM] * ROWS])
+    exits.confidence_heads = [LearnedStub([0.7, 0.5, 0.55, 0.62]), LearnedStub([0.4, 0.9, 0.59, 0.8])]
+    exits.confidence_fitted = torch.tensor(True)
+    result, adapter, exits = decode_with(adapter, exits, exit_threshold=0.6, confidence="learned", kv_policy=kv_policy)
+    assert [row[1] for row in result.layers_run] == EXPECTED
+    for layer in range(NUM_LAYERS):
+        assert rows_run(adapter.layers[layer]) == [r for r in range(ROWS) if EXPECTED[r] > layer], layer
+    assert [row[1] for row in result.exit_blocks_run] == [1, 2, 2, 1]
+    assert [row[1] for row in result.heads_run] == [1, 1, 1, 1]
+    # the token is the leaving exit's choice (its uniform logits: token 0) or the head's
+    assert result.tokens[:, 1].tolist() == [0, 0, TOP[FULL][2], 0]
+
+
+def test_learned_confidence_without_fitted_heads_is_refused():
+    with pytest.raises(ExitConfigError, match="confidence='learned'.*fit_confidence"):
+        decode([[UNIFORM] * ROWS, [UNIFORM] * ROWS], exit_threshold=0.5, confidence="learned")
 
 
 # ---- min_exit_layer: a count of layers run ---------------------------------------------------
@@ -395,9 +432,9 @@ def test_model_generate_gives_the_rule_its_keywords_and_config_defaults(monkeypa
     calls = []
     rule = EarlyExitDecoder._decide_exits
 
-    def spy(self, logits, opts, exit_index, rows, step):
+    def spy(self, confidence, opts, exit_index, rows, step):
         calls.append((opts.exits.exit_threshold, opts.exits.confidence, opts.exits.min_exit_layer, exit_index))
-        return rule(self, logits, opts, exit_index, rows, step)
+        return rule(self, confidence, opts, exit_index, rows, step)
 
     monkeypatch.setattr(EarlyExitDecoder, "_decide_exits", spy)
     images = torch.randn(2, 3, 64, 64)

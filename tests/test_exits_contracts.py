@@ -38,7 +38,7 @@ LAYERS = 6  # exits may sit after layers 0..4 (layer 5 is the model's own output
         ({"layers": [1], "inference": {"kv_policy": "guess"}},
          "exits.inference.kv_policy='guess' is invalid: allowed values are recompute, propagate"),
         ({"layers": [1], "inference": {"confidence": "vibes"}},
-         "exits.inference.confidence='vibes' is invalid: allowed values are max_prob, margin, entropy"),
+         "exits.inference.confidence='vibes' is invalid: allowed values are max_prob, margin, entropy, learned"),
         ({"layers": [1], "inference": {"min_exit_layer": 7}},
          "exits.inference.min_exit_layer=7 is invalid: expected an integer in [0, 6] (decoder layers run before an exit)"),
         ({"layers": [1], "inference": {"exit_threshold": -1}},
@@ -63,7 +63,7 @@ def test_the_smallest_valid_settings_are_accepted():
 def test_decode_option_errors_name_the_option_and_what_is_allowed():
     with pytest.raises(ExitConfigError) as err:
         get_confidence("vibes")
-    assert str(err.value) == "confidence='vibes' is invalid: allowed values are max_prob, margin, entropy"
+    assert str(err.value) == "confidence='vibes' is invalid here: allowed values are max_prob, margin, entropy"
     with pytest.raises(ValueError, match=r"^max_new_tokens=0 is invalid: expected an integer >= 1$"):
         DecodeOptions(max_new_tokens=0, eos_token_id=2, pad_token_id=1).validate(LAYERS)
 

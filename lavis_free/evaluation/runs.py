@@ -64,7 +64,7 @@ def add_project_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples of each split")
     parser.add_argument("--batch-size", type=int, default=None, help="default: run.batch_size_eval")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--confidence", default=None, help="max_prob | margin | entropy (default: the model config's)")
+    parser.add_argument("--confidence", default=None, help="max_prob | margin | entropy | learned (default: the model config's)")
     parser.add_argument("--min-exit-layer", type=int, default=None, help="default: the model config's")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's; 1 is fastest for tiny models on busy CPUs)")

@@ -1,7 +1,8 @@
 """The trainable part of FREE, attached to a frozen LM through its adapter.
 
-`EarlyExits` owns the K exits and, while training adversarially, one feature classifier per
-exit. Training reads the frozen backbone once per batch (`backbone_outputs`, no autograd, and
+`EarlyExits` owns the K exits, while training adversarially one feature classifier per exit,
+and one learned confidence head per exit (`confidence: learned`; fitted after the exits, so
+`confidence_fitted` says whether these exits have fitted ones). Training reads the frozen backbone once per batch (`backbone_outputs`, no autograd, and
 cacheable on disk because it never changes), then alternates discriminator and generator
 losses computed from the same exit features.
 """
@@ -16,6 +17,7 @@ from torch import nn
 from lavis_free.exits import losses
 from lavis_free.exits.adapters.base import DecoderAdapter, EncoderContext
 from lavis_free.exits.attention import full_sequence_mask
+from lavis_free.exits.confidence import ConfidenceHead
 from lavis_free.exits.config import ExitConfig
 from lavis_free.exits.discriminator import FeatureClassifier
 from lavis_free.exits.exit_block import build_exit
@@ -47,6 +49,9 @@ class EarlyExits(nn.Module):
         self.discriminators = nn.ModuleList(
             FeatureClassifier(adapter.hidden_size, config.disc_hidden) for _ in config.layers
         ) if config.adversarial else nn.ModuleList()
+        # fitted after exit training (lavis_free.evaluation.fit_confidence), so frozen during it
+        self.confidence_heads = nn.ModuleList(ConfidenceHead(adapter.hidden_size) for _ in config.layers).requires_grad_(False)
+        self.register_buffer("confidence_fitted", torch.tensor(False))
 
     def optimizer_groups(self) -> Dict[str, List[nn.Parameter]]:
         """Generator (exits) and discriminator parameters, each trained by its own optimizer."""
@@ -56,8 +61,12 @@ class EarlyExits(nn.Module):
         return groups
 
     def inference_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Exits only: discriminators are a training device and are not exported."""
-        return {f"exits.{k}": v for k, v in self.exits.state_dict().items()}
+        """Exits (and fitted confidence heads): discriminators are a training device and are not exported."""
+        state = {f"exits.{k}": v for k, v in self.exits.state_dict().items()}
+        if bool(self.confidence_fitted):
+            state.update({f"confidence_heads.{k}": v for k, v in self.confidence_heads.state_dict().items()})
+            state["confidence_fitted"] = self.confidence_fitted
+        return state
 
     @torch.no_grad()
     def backbone_outputs(self, adapter: DecoderAdapter, batch: LMBatch) -> BackboneOutputs:

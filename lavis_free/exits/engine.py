@@ -4,7 +4,8 @@ The prefix (image queries + prompt) runs at full depth, filling every backbone l
 exit transformer's cache. Then, token by token, decoder layers run one at a time; after an exit
 layer its exit transformer and the frozen head give logits, and `_decide_exits` (THE place where
 the exit decision is made) lets rows whose confidence reaches the threshold emit their token and
-stop. Keys/values those rows skipped are filled by the cache's policy (see kv_cache.py).
+stop. With `confidence: learned` the rule reads a small confidence head on the exit's features
+instead, and only the rows that leave pay the head. Keys/values those rows skipped are filled by the cache's policy (see kv_cache.py).
 
 Batch semantics: every row decides for itself. A slot runs only on the rows still going at that
 depth (the others are gathered out), so rows that exited do not pay for deeper layers; rows that
@@ -44,7 +45,7 @@ from lavis_free.exits.confidence import get_confidence
 from lavis_free.exits.early_exits import EarlyExits
 from lavis_free.exits.kv_cache import DecodeCache, Window
 from lavis_free.exits.lm_batch import LMBatch
-from lavis_free.exits.options import FULL_DEPTH, ExitOptions
+from lavis_free.exits.options import FULL_DEPTH, LEARNED, ExitConfigError, ExitOptions
 from lavis_free.exits.processors import GREEDY, TokenChoice
 
 
@@ -130,6 +131,8 @@ class EarlyExitDecoder:
             if module.uses_cache:
                 self.exit_slot[k] = num_layers + len(self.exit_slot)
         self.exit_after = {layer: k for k, layer in enumerate(self.exit_layers)}
+        fitted = early_exits is not None and bool(early_exits.confidence_fitted)
+        self.confidence_heads = early_exits.confidence_heads if fitted else None
         # The decoder layer that fills each slot's keys/values (backbone layers, then exit layers).
         self.slot_layers = list(adapter.layers) + [self.exits[k].layer for k in self.exit_slot]
         self.cache: Optional[DecodeCache] = None
@@ -191,12 +194,29 @@ class EarlyExitDecoder:
 
     # -- decisions ----------------------------------------------------------------------------
     def _decide_exits(
-        self, logits: torch.Tensor, opts: DecodeOptions, exit_index: int, rows: np.ndarray, step: int
+        self, confidence: torch.Tensor, opts: DecodeOptions, exit_index: int, rows: np.ndarray, step: int
     ) -> np.ndarray:
         """THE exit decision: which `rows` (still going, at exit `exit_index`, generating token
         `step`) are confident enough to emit now. Subclasses may replace the rule."""
-        confidence = get_confidence(opts.exits.confidence)(logits)
         return (confidence >= opts.exits.exit_threshold).cpu().numpy()
+
+    def _exit_check(self, k: int, features: torch.Tensor, rows: np.ndarray, step: int, opts: DecodeOptions,
+                    scores: bool) -> Tuple[np.ndarray, Optional[torch.Tensor]]:
+        """Exit k's check for these rows: which leave (`_decide_exits` on the configured
+        confidence) and the logits they leave with (see `_scores`). A softmax confidence needs
+        every row's logits. The learned one needs none: the leaving rows' logits come later, from
+        the step's one call of the LM's head (None here) when the exit reads that head, as FREE's
+        exits do, else from the exit's own head now."""
+        exit_module = self.exits[k]
+        if opts.exits.confidence == LEARNED:
+            leave = self._decide_exits(self.confidence_heads[k](features), opts, k, rows, step)
+            if not leave.any() or exit_module.reads_lm_head:
+                return leave, None
+            leaving = features[torch.as_tensor(leave, device=features.device)]
+            return leave, self._scores(exit_module.logits(self.adapter, leaving), step, opts, self.cache.rows(rows[leave]), scores)
+        logits = self._scores(exit_module.logits(self.adapter, features), step, opts, self.cache.rows(rows), scores)
+        leave = self._decide_exits(get_confidence(opts.exits.confidence)(logits), opts, k, rows, step)
+        return leave, logits[torch.as_tensor(leave, device=logits.device)]
 
     def _constrain(self, logits: torch.Tensor, step: int, opts: DecodeOptions, rows: Rows) -> torch.Tensor:
         """Logits as the rule and the token choice see them, at every exit and at the final head
@@ -262,7 +282,7 @@ class EarlyExitDecoder:
         adapter = self.adapter
         num_layers = adapter.num_layers
         opts.validate(num_layers)
-        use_exits = opts.exits.enabled and bool(self.exits)
+        use_exits = self._use_exits(opts)
         self.prompt_length = lm_batch.prompt_length
         batch, prefix = lm_batch.attention_mask.shape
         copies = opts.copies_per_row(batch)
@@ -294,12 +314,12 @@ class EarlyExitDecoder:
             # keeps every row, so that each step draws for the whole batch as `generate` does.
             keep_all = opts.choice.sampling or 2 * len(unfinished) > batch
             active = np.arange(batch) if keep_all else unfinished
-            logits, layers, blocks, at_head = self._step(active, prefix + step - 1, step, opts, allowed)
+            logits, layers, blocks, heads = self._step(active, prefix + step - 1, step, opts, allowed)
             self._emit(logits, cache.rows(active), step, opts, tokens, logprobs)
             for i, row in enumerate(active):
                 layers_run[row].append(int(layers[i]))
                 exit_blocks_run[row].append(int(blocks[i]))
-                heads_run[row].append(int(blocks[i]) + int(at_head[i]))
+                heads_run[row].append(int(heads[i]))
             done_before = torch.as_tensor(finished, device=tokens.device)
             tokens[:, step].masked_fill_(done_before, opts.pad_token_id)
             if logprobs is not None:
@@ -336,6 +356,16 @@ class EarlyExitDecoder:
         seconds["copy"] = copied - prefilled
         return features, seconds, copied
 
+    def _use_exits(self, opts: DecodeOptions) -> bool:
+        """Whether this decode takes exits; refuses the learned confidence without fitted heads."""
+        use_exits = opts.exits.enabled and bool(self.exits)
+        if use_exits and opts.exits.confidence == LEARNED and self.confidence_heads is None:
+            raise ExitConfigError(
+                "confidence='learned' needs confidence heads fitted to these exits, and they have none: run "
+                "python -m lavis_free.evaluation.fit_confidence --cfg-path <project.yaml> --out DIR, then load "
+                "DIR/exits_confidence.pth (model.exits_checkpoint=...), or choose max_prob, margin or entropy")
+        return use_exits
+
     def _allowed_exits(self, opts: DecodeOptions, use_exits: bool) -> Dict[int, int]:
         """Exit index by the decoder layer it follows, for the exits this decode may take."""
         if not use_exits:
@@ -347,10 +377,15 @@ class EarlyExitDecoder:
         """Token `step` of the `active` rows (sorted), fed at column `col`: the previous token is
         embedded, then layers run one at a time on the rows still going; at each allowed exit,
         the rows the rule lets go leave with that exit's logits and run no deeper layer.
+        What the leaving rows still need is done once per step, after the deepest layer, for all
+        of them together (a few rows' call costs nearly what the whole batch's does): `propagate`
+        fills each skipped slot for every row that skipped it in one projection, and one call of
+        the LM's head serves the rows at full depth and those that left through it without
+        needing its logits to decide (the learned confidence).
         Returns, per active row: the constrained logits its token is chosen from ([n, V]; with
         `scores`, log-probabilities constrained after the log-softmax, as beam search scores
-        them), the decoder layers it ran, the exit transformers it ran, and whether it reached
-        the final head."""
+        them), the decoder layers it ran, the exit transformers it ran, and the head
+        applications it paid (exit checks that read logits, and the head it leaves through)."""
         adapter, cache = self.adapter, self.cache
         rows_t = cache.rows(active)
         cache.positions[rows_t, col] = cache.positions[rows_t, col - 1] + 1
@@ -358,8 +393,11 @@ class EarlyExitDecoder:
         cache.states[rows_t, col : col + 1] = adapter.embed(embeds, cache.positions[rows_t, col : col + 1])
         layers = np.full(len(active), adapter.num_layers, dtype=np.int64)
         blocks = np.zeros(len(active), dtype=np.int64)
+        heads = np.zeros(len(active), dtype=np.int64)
         chosen: Optional[torch.Tensor] = None
         going = active
+        to_head: List[Tuple[np.ndarray, torch.Tensor]] = []  # (rows, final-normed features) for the step's head call
+        skipped: List[Tuple[np.ndarray, int]] = []  # (rows, the layer they left after), for `propagate`
 
         def keep(logits: torch.Tensor, rows: np.ndarray) -> None:
             nonlocal chosen
@@ -373,28 +411,48 @@ class EarlyExitDecoder:
                 continue
             features = self._run_exit(k, going, col)
             blocks[np.searchsorted(active, going)] += 1
-            logits = self._scores(self.exits[k].logits(adapter, features), step, opts, cache.rows(going), scores)
-            leave = self._decide_exits(logits, opts, k, going, step)
+            leave, logits = self._exit_check(k, features, going, step, opts, scores)
+            if opts.exits.confidence != LEARNED:
+                heads[np.searchsorted(active, going)] += 1
             if not leave.any():
                 continue
             leaving = going[leave]
-            keep(logits[torch.as_tensor(leave, device=logits.device)], leaving)
+            if logits is None:
+                to_head.append((leaving, features[torch.as_tensor(leave, device=features.device)]))
+            else:
+                keep(logits, leaving)
+                if opts.exits.confidence == LEARNED:
+                    heads[np.searchsorted(active, leaving)] += 1
             layers[np.searchsorted(active, leaving)] = layer + 1
-            if opts.exits.kv_policy == "propagate":
-                cache.propagate(leaving, col, self._skipped_slots(layer), self._project)
+            skipped.append((leaving, layer))
             going = going[~leave]
             if len(going) == 0:
                 break
-        at_head = np.zeros(len(active), dtype=bool)
         if len(going):
-            rows = cache.rows(going)
-            logits = self._scores(adapter.logits(cache.states[rows, col]), step, opts, rows, scores)
-            if chosen is None and len(going) == len(active):
-                chosen = logits  # no row left early: nothing to gather
+            to_head.append((going, adapter.final_norm(cache.states[cache.rows(going), col])))
+        if opts.exits.kv_policy == "propagate":
+            self._propagate_skipped(skipped, col)
+        if to_head:
+            rows = np.concatenate([r for r, _ in to_head])
+            order = np.argsort(rows)
+            features = torch.cat([f for _, f in to_head])[torch.as_tensor(order, device=cache.states.device)]
+            rows = rows[order]
+            logits = self._scores(adapter.head(features), step, opts, cache.rows(rows), scores)
+            if chosen is None and len(rows) == len(active):
+                chosen = logits  # every row reads this head: nothing to gather
             else:
-                keep(logits, going)
-            at_head[np.searchsorted(active, going)] = True
-        return chosen, layers, blocks, at_head
+                keep(logits, rows)
+            heads[np.searchsorted(active, rows)] += 1
+        return chosen, layers, blocks, heads
+
+    def _propagate_skipped(self, skipped: List[Tuple[np.ndarray, int]], col: int) -> None:
+        """`propagate` for this step's exited rows: each skipped slot once, for all rows that skipped it."""
+        by_slot: Dict[int, List[np.ndarray]] = {}
+        for rows, exit_layer in skipped:
+            for slot in self._skipped_slots(exit_layer):
+                by_slot.setdefault(slot, []).append(rows)
+        for slot, groups in by_slot.items():
+            self.cache.propagate(np.sort(np.concatenate(groups)), col, [slot], self._project)
 
     def _scores(self, logits: torch.Tensor, step: int, opts: DecodeOptions, rows: Rows, log_softmax: bool) -> torch.Tensor:
         """`_constrain`d logits, or with `log_softmax` the constrained log-probabilities."""
@@ -413,7 +471,7 @@ class EarlyExitDecoder:
             raise ValueError("beam search takes no forced tokens, sampling or copies")
         if not 1 <= settings.num_return_sequences <= num_beams:
             raise ValueError(f"num_return_sequences={settings.num_return_sequences} must be in [1, num_beams={num_beams}]")
-        use_exits = opts.exits.enabled and bool(self.exits)
+        use_exits = self._use_exits(opts)
         self.prompt_length = lm_batch.prompt_length
         samples, prefix = lm_batch.attention_mask.shape
         device = lm_batch.inputs_embeds.device
@@ -462,13 +520,13 @@ class EarlyExitDecoder:
             # the slots of samples whose hypotheses are complete compute nothing more
             active = np.flatnonzero(~scorer._done.repeat_interleave(num_beams).cpu().numpy())
             scores = torch.zeros(batch, vocab, dtype=scores.dtype, device=device)
-            step_scores, layers, blocks, at_head = self._step(active, prefix + step - 1, step, opts, allowed, scores=True)
+            step_scores, layers, blocks, heads = self._step(active, prefix + step - 1, step, opts, allowed, scores=True)
             scores[torch.as_tensor(active, device=device)] = step_scores
             fed[active] += 1
             for i, row in enumerate(active):
                 layers_run[row].append(int(layers[i]))
                 exit_blocks_run[row].append(int(blocks[i]))
-                heads_run[row].append(int(blocks[i]) + int(at_head[i]))
+                heads_run[row].append(int(heads[i]))
         finals = scorer.finalize(self._ids_so_far(slice(None), step), beam_scores, next_tokens, next_indices,
                                  pad_token_id=opts.pad_token_id, eos_token_id=opts.eos_token_id,
                                  max_length=max_length)["sequences"]

@@ -20,6 +20,7 @@ from lavis_free.exits.config import ExitConfig
 
 class ExitBlock(nn.Module):
     uses_cache = True
+    reads_lm_head = True  # its logits are the LM's frozen head on its features (the decoder may batch that call)
 
     def __init__(self, layer: nn.Module):
         super().__init__()
@@ -46,6 +47,7 @@ class VanillaExit(nn.Module):
     """Independent classifier per exit; its projection starts as a copy of the LM head."""
 
     uses_cache = False
+    reads_lm_head = False  # a trained projection of its own
 
     def __init__(self, adapter: DecoderAdapter):
         super().__init__()

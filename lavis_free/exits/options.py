@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, Mapping, Optional
 
 KV_POLICIES = ("recompute", "propagate")
-CONFIDENCES = ("max_prob", "margin", "entropy")
+SOFTMAX_CONFIDENCES = ("max_prob", "margin", "entropy")  # read the exit's logits (the full head)
+LEARNED = "learned"  # a confidence head on the exit's features (no head unless it fires)
+CONFIDENCES = SOFTMAX_CONFIDENCES + (LEARNED,)
 
 
 class ExitConfigError(ValueError):
@@ -33,7 +35,7 @@ class ExitOptions:
     early_exit: Optional[bool] = None  # the switch; None = on iff exit_threshold is set
     exit_threshold: Optional[float] = None  # confidence in [0, 1] a token needs to leave at an exit
     kv_policy: str = "recompute"  # how skipped layers' keys/values are filled (kv_cache.py)
-    confidence: str = "max_prob"  # max_prob | margin | entropy (confidence.py)
+    confidence: str = "max_prob"  # max_prob | margin | entropy | learned (confidence.py)
     min_exit_layer: int = 0  # decoder layers a token runs before it may leave
 
     @property

@@ -388,7 +388,8 @@ class AttachedExits:
             raise ExitCheckpointError(f"{source} holds exits but this model has none (set model.exits.layers)")
         self._check_exit_layout(state, source, metadata)
         own = {k: v for k, v in self.model.state_dict().items() if k.startswith(EXIT_PREFIX)}
-        needed = {k for k in own if not k.startswith(EXIT_PREFIX + "discriminators.")}
+        optional = tuple(EXIT_PREFIX + name for name in ("discriminators.", "confidence_heads.", "confidence_fitted"))
+        needed = {k for k in own if not k.startswith(optional)}
         missing = sorted(needed - exit_keys)
         unexpected = sorted(exit_keys - set(own))
         if missing or unexpected:
