@@ -386,13 +386,22 @@ def test_recompute_caches_equal_a_full_depth_forward(family, models, image, layo
             torch.testing.assert_close(got.transpose(1, 2)[used], want.transpose(1, 2)[used], atol=1e-5, rtol=1e-4)
 
 
-def test_propagate_fills_every_skipped_slot_with_its_layer_projection(family, model, image):
+def test_propagate_fills_every_skipped_slot_with_its_layer_projection(family, model, image, monkeypatch):
     """For each exited token, every deeper backbone layer and every deeper exit transformer
     holds, at that column, its own key/value projection of its own pre-attention norm of the
     exited hidden state (the output of the exit's layer), as kv_cache.py defines `propagate`.
-    (No teacher-forced reference exists: deep keys/values are approximate by design.)"""
+    (No teacher-forced reference exists: deep keys/values are approximate by design.) The
+    projections are filled before each slot's call: no decode-step call runs a window of
+    several columns (which would run exited columns through the layer, as `recompute` does)."""
+    widths = []
+    mask_of = EarlyExitDecoder._mask
+    monkeypatch.setattr(EarlyExitDecoder, "_mask", lambda self, win: widths.append(win.last - win.first + 1) or mask_of(self, win))
     decoder, result, lm_batch = engine_decode(family, model, image, exit_threshold=THRESHOLD, kv_policy="propagate")
+    prefill_width = lm_batch.attention_mask.shape[1]
+    assert widths and set(widths) <= {1, prefill_width}, sorted(set(widths))
     prefix = lm_batch.attention_mask.shape[1]
+    lazy = decoder.cache.filled.copy()
+    decoder.flush(prefix + NEW - 2)  # propagate projects lazily, when a slot next runs for the row
     exits = dict(enumerate(family.EXIT_LAYERS))
     slot_layers = family.slot_layers(model)
     slot_depth = list(range(family.NUM_LAYERS)) + [exits[k] + 0.5 for k in exits]  # exit k sits between layers[k] and layers[k] + 1
@@ -418,7 +427,8 @@ def test_propagate_fills_every_skipped_slot_with_its_layer_projection(family, mo
     assert {exit_layer for _, exit_layer in checked} == set(exits.values()), checked
     assert len({row for row, _ in checked}) >= 2, checked
     for row, n in enumerate(lengths(family, result.tokens)):
-        assert np.all(cache.filled[row] >= prefix + n - 1), "propagate leaves no column pending"
+        assert np.all(cache.filled[row] >= prefix + n - 1), "flush fills every pending column"
+    assert (lazy < cache.filled).any(), "generate left exited columns for the slots' next calls (or flush)"
 
 
 # -- scoring answer options (teacher-forced, with exits) ---------------------------------------

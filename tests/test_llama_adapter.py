@@ -503,6 +503,8 @@ def test_propagate_writes_each_skipped_layers_rotated_projection(lm, prefix, exi
     input_layernorm of the exited hidden state; the exit's own slot ties that state to what the
     exit read. For a row's first exited token, the next layer's keys/values equal HF's pass."""
     decoder, result = engine_decode(lm, exits, prefix, exit_threshold=THRESHOLD, kv_policy="propagate")
+    lazy = decoder.cache.filled.copy()
+    decoder.flush(prefix.attention_mask.shape[1] + NEW - 2)  # propagate projects lazily, when a slot next runs for the row
     tokens, cache = result.tokens, decoder.cache
     width = prefix.attention_mask.shape[1]
     slot_layers = list(lm.model.layers) + [module.layer for module in exits.exits]
@@ -532,7 +534,8 @@ def test_propagate_writes_each_skipped_layers_rotated_projection(lm, prefix, exi
     assert {exit_layer for _, exit_layer in checked} == set(EXIT_LAYERS), checked
     assert len({row for row, _ in checked}) >= 2 and first_checked >= 2, (checked, first_checked)
     for row, n in enumerate(lengths(tokens)):
-        assert np.all(cache.filled[row] >= width + n - 1), "propagate leaves no column pending"
+        assert np.all(cache.filled[row] >= width + n - 1), "flush fills every pending column"
+    assert (lazy < cache.filled).any(), "generate left exited columns for the slots' next calls (or flush)"
 
 
 def test_exit_training_step_reaches_only_the_exits(lm, prefix, reference):

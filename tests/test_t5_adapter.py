@@ -667,6 +667,8 @@ def test_propagate_fills_skipped_slots_with_their_projections(lm, encoded, exits
     full-depth teacher-forced pass exactly."""
     _, mask, states = encoded
     decoder, result = engine_decode(lm, exits, states, mask, exit_threshold=THRESHOLD, kv_policy="propagate")
+    lazy = decoder.cache.filled.copy()
+    decoder.flush(NEW - 1)  # propagate projects lazily, when a slot next runs for the row
     tokens, cache = result.tokens, decoder.cache
     slot_layers = list(lm.decoder.block) + [module.layer for module in exits.exits]
     slot_depth = list(range(NUM_LAYERS)) + [layer + 0.5 for layer in EXIT_LAYERS]
@@ -695,7 +697,8 @@ def test_propagate_fills_skipped_slots_with_their_projections(lm, encoded, exits
     assert {exit_layer for _, exit_layer in checked} == set(EXIT_LAYERS), checked
     assert len({row for row, _ in checked}) >= 2 and first_checked >= 2, (checked, first_checked)
     for row, n in enumerate(lengths(tokens)):
-        assert np.all(cache.filled[row] >= n), "propagate leaves no column pending"
+        assert np.all(cache.filled[row] >= n), "flush fills every pending column"
+    assert (lazy < cache.filled).any(), "generate left exited columns for the slots' next calls (or flush)"
 
 
 @pytest.mark.parametrize("kv_policy", ["recompute", "propagate"])

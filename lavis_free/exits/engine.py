@@ -145,6 +145,7 @@ class EarlyExitDecoder:
     def _run_layer(self, layer: int, row_ids: np.ndarray, last: int) -> None:
         """Backbone layer `layer` over the unfilled columns (up to `last`) of these rows."""
         cache = self.cache
+        self._fill_pending(layer, row_ids, last)
         win = cache.window(layer, row_ids, last)
         if win is None:
             return
@@ -165,6 +166,7 @@ class EarlyExitDecoder:
         if not module.uses_cache:
             return module.features(self.adapter, cache.states[cache.rows(row_ids), last], None, None)
         slot = self.exit_slot[k]
+        self._fill_pending(slot, row_ids, last)
         win = cache.window(slot, row_ids, last)
         if win is None:
             return None
@@ -178,6 +180,12 @@ class EarlyExitDecoder:
         )
         cache.commit(slot, win)
         return features[:, -1]
+
+    def _fill_pending(self, slot: int, row_ids: np.ndarray, last: int) -> None:
+        """`propagate`: these rows' exited columns before `last` get this slot's projection now,
+        just before the slot's own call (kv_cache.py); `recompute` runs them in that call."""
+        if self.cache.policy == "propagate":
+            self.cache.project_pending(slot, row_ids, last, self._project)
 
     def _mask(self, win: Window) -> Optional[torch.Tensor]:
         key_valid = self.cache.key_valid
@@ -287,7 +295,7 @@ class EarlyExitDecoder:
         batch, prefix = lm_batch.attention_mask.shape
         copies = opts.copies_per_row(batch)
         device = lm_batch.inputs_embeds.device
-        features, seconds, prefilled = self._prefill_copies(lm_batch, opts.max_new_tokens, use_exits, copies)
+        features, seconds, prefilled = self._prefill_copies(lm_batch, opts, use_exits, copies)
         batch *= copies
         cache = self.cache
 
@@ -337,14 +345,16 @@ class EarlyExitDecoder:
             seconds={**seconds, "decode": synced_clock(device) - prefilled},
         )
 
-    def _prefill_copies(self, lm_batch: LMBatch, max_new_tokens: int, use_exits: bool,
+    def _prefill_copies(self, lm_batch: LMBatch, opts: DecodeOptions, use_exits: bool,
                         copies: int) -> Tuple[torch.Tensor, Dict[str, float], float]:
         """The prefill, then each row as `copies` consecutive rows (cache, encoder context, last
-        features: candidates, samples or beams of one prompt). Returns the features, the seconds
-        of "prefill" (and "copy"), and the clock reading the token loop starts from."""
+        features: candidates, samples or beams of one prompt), and the cache told the decode's
+        `kv_policy`. Returns the features, the seconds of "prefill" (and "copy"), and the clock
+        reading the token loop starts from."""
         device = lm_batch.inputs_embeds.device
         started = synced_clock(device)
-        features = self.prefill(lm_batch, max_new_tokens, use_exits)
+        features = self.prefill(lm_batch, opts.max_new_tokens, use_exits)
+        self.cache.policy = opts.exits.kv_policy
         prefilled = synced_clock(device)
         seconds = {"prefill": prefilled - started}
         if copies == 1:
@@ -377,11 +387,9 @@ class EarlyExitDecoder:
         """Token `step` of the `active` rows (sorted), fed at column `col`: the previous token is
         embedded, then layers run one at a time on the rows still going; at each allowed exit,
         the rows the rule lets go leave with that exit's logits and run no deeper layer.
-        What the leaving rows still need is done once per step, after the deepest layer, for all
-        of them together (a few rows' call costs nearly what the whole batch's does): `propagate`
-        fills each skipped slot for every row that skipped it in one projection, and one call of
-        the LM's head serves the rows at full depth and those that left through it without
-        needing its logits to decide (the learned confidence).
+        One call of the LM's head, after the deepest layer, serves the rows at full depth and
+        those that left through it without needing its logits to decide (the learned
+        confidence): a few rows' call costs nearly what the whole batch's does.
         Returns, per active row: the constrained logits its token is chosen from ([n, V]; with
         `scores`, log-probabilities constrained after the log-softmax, as beam search scores
         them), the decoder layers it ran, the exit transformers it ran, and the head
@@ -397,7 +405,6 @@ class EarlyExitDecoder:
         chosen: Optional[torch.Tensor] = None
         going = active
         to_head: List[Tuple[np.ndarray, torch.Tensor]] = []  # (rows, final-normed features) for the step's head call
-        skipped: List[Tuple[np.ndarray, int]] = []  # (rows, the layer they left after), for `propagate`
 
         def keep(logits: torch.Tensor, rows: np.ndarray) -> None:
             nonlocal chosen
@@ -424,14 +431,11 @@ class EarlyExitDecoder:
                 if opts.exits.confidence == LEARNED:
                     heads[np.searchsorted(active, leaving)] += 1
             layers[np.searchsorted(active, leaving)] = layer + 1
-            skipped.append((leaving, layer))
             going = going[~leave]
             if len(going) == 0:
                 break
         if len(going):
             to_head.append((going, adapter.final_norm(cache.states[cache.rows(going), col])))
-        if opts.exits.kv_policy == "propagate":
-            self._propagate_skipped(skipped, col)
         if to_head:
             rows = np.concatenate([r for r, _ in to_head])
             order = np.argsort(rows)
@@ -444,15 +448,6 @@ class EarlyExitDecoder:
                 keep(logits, rows)
             heads[np.searchsorted(active, rows)] += 1
         return chosen, layers, blocks, heads
-
-    def _propagate_skipped(self, skipped: List[Tuple[np.ndarray, int]], col: int) -> None:
-        """`propagate` for this step's exited rows: each skipped slot once, for all rows that skipped it."""
-        by_slot: Dict[int, List[np.ndarray]] = {}
-        for rows, exit_layer in skipped:
-            for slot in self._skipped_slots(exit_layer):
-                by_slot.setdefault(slot, []).append(rows)
-        for slot, groups in by_slot.items():
-            self.cache.propagate(np.sort(np.concatenate(groups)), col, [slot], self._project)
 
     def _scores(self, logits: torch.Tensor, step: int, opts: DecodeOptions, rows: Rows, log_softmax: bool) -> torch.Tensor:
         """`_constrain`d logits, or with `log_softmax` the constrained log-probabilities."""
@@ -478,7 +473,7 @@ class EarlyExitDecoder:
         if lm_batch.input_ids is None:
             raise ValueError("beam search needs LMBatch.input_ids (the ids generate starts from, that its length "
                              "penalty counts); the host binding's decode_batch must set them")
-        features, seconds, prefilled = self._prefill_copies(lm_batch, opts.max_new_tokens, use_exits, num_beams)
+        features, seconds, prefilled = self._prefill_copies(lm_batch, opts, use_exits, num_beams)
         batch = samples * num_beams
         self.tokens = torch.full((batch, opts.max_new_tokens), opts.pad_token_id, dtype=torch.long, device=device)
         self.start_ids = lm_batch.input_ids.repeat_interleave(num_beams, dim=0)
@@ -561,16 +556,16 @@ class EarlyExitDecoder:
         tokens[rows, step] = forced
         logprobs[rows, step] = torch.log_softmax(logits.float(), dim=-1).gather(1, forced[:, None])[:, 0]
 
-    def _skipped_slots(self, exit_layer: int) -> List[int]:
-        deeper_layers = list(range(exit_layer + 1, self.adapter.num_layers))
-        deeper_exits = [slot for k, slot in self.exit_slot.items() if self.exit_layers[k] > exit_layer]
-        return deeper_layers + deeper_exits
-
     @torch.no_grad()
     def flush(self, last_col: int) -> None:
-        """Fills every pending column up to `last_col` in every slot (recompute). generate does
-        not need it; call it to continue decoding from the cache or to inspect it."""
+        """Fills every pending column up to `last_col` in every slot, as the decode's policy
+        does (`recompute` runs them, `propagate` projects them). generate does not need it;
+        call it to continue decoding from the cache or to inspect it."""
         rows = np.arange(self.cache.batch)
+        if self.cache.policy == "propagate":
+            for slot in range(len(self.slot_layers)):
+                self.cache.project_pending(slot, rows, last_col + 1, self._project)
+            return
         for layer, k in self._layers_with_exits(True):
             self._run_layer(layer, rows, last_col)
             if k is not None and self.exits[k].uses_cache:

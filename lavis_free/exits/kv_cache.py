@@ -12,9 +12,15 @@ fill them (chosen per call):
   deep entry equals what a full-depth pass over the same prefix holds. Columns still pending
   when decoding stops are filled only if someone calls `EarlyExitDecoder.flush` (generate does
   not: no later token will read them).
-- `propagate` (approximate, CALM-style): at exit time the exited hidden state (the output of
-  layer e, which is exactly layer e+1's input) is projected into the keys/values of every
-  skipped slot (`propagate`). Exact for layer e+1, approximate deeper; no pending columns.
+- `propagate` (approximate, CALM-style): the exited hidden state (the output of layer e, which
+  is exactly layer e+1's input) is projected into the keys/values of every skipped slot
+  (`project_pending`). Exact for layer e+1, approximate deeper. The projection is lazy: it runs
+  when the slot next runs for that row, just before the slot's own call, over all of the row's
+  pending columns at once; then the projection's weights are the ones that call loads anyway
+  (measured on OPT-350m dimensions, CPU: 0.03 ms extra at batch 8 against 0.65 ms done at exit
+  time), and tokens that leave early several times in a row cost one projection, not several.
+  Until then the exited state waits in `states` (no deeper layer runs on its column). `flush`
+  projects what is still pending when decoding stops.
 """
 from __future__ import annotations
 
@@ -61,6 +67,7 @@ class DecodeCache:
         self.key_valid: Optional[torch.Tensor] = None
         self.filled = np.zeros((batch, num_slots), dtype=np.int64)
         self.batch = batch
+        self.policy = "recompute"  # how pending columns are filled (the decode's kv_policy)
 
     def repeat_rows(self, copies: int) -> None:
         """Each row becomes `copies` consecutive rows with the same contents (candidates that
@@ -116,15 +123,19 @@ class DecodeCache:
         up to the window's last column, for the layer to attend over."""
 
         def store(keys: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-            span = slice(win.first, win.last + 1)
-            for cache, new in ((self.keys, keys), (self.values, values)):
-                if win.valid is not None:
-                    new = torch.where(win.valid[:, None, :, None], new, cache[slot, win.rows, :, span])
-                cache[slot, win.rows, :, span] = new
+            self.write_kv(slot, win, keys, values)
             upto = slice(0, win.last + 1)
             return self.keys[slot, win.rows, :, upto], self.values[slot, win.rows, :, upto]
 
         return store
+
+    def write_kv(self, slot: int, win: Window, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The window's keys/values [rows, heads, columns, head_dim], where `win.valid` allows."""
+        span = slice(win.first, win.last + 1)
+        for cache, new in ((self.keys, keys), (self.values, values)):
+            if win.valid is not None:
+                new = torch.where(win.valid[:, None, :, None], new, cache[slot, win.rows, :, span])
+            cache[slot, win.rows, :, span] = new
 
     def commit(self, slot: int, win: Window) -> None:
         self.filled[win.row_ids, slot] = win.last + 1
@@ -138,20 +149,20 @@ class DecodeCache:
             hidden = torch.where(win.valid[..., None], hidden, self.states[win.rows, span])
         self.states[win.rows, span] = hidden
 
-    def propagate(
+    def project_pending(
         self,
+        slot: int,
         row_ids: np.ndarray,
-        col: int,
-        skipped_slots: Sequence[int],
+        last: int,
         project: Callable[[int, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
     ) -> None:
-        """`propagate` policy: fill the skipped slots at column `col` of exited rows from the
-        exited hidden state; `project(slot, hidden, positions)` gives that slot's keys/values."""
-        rows = self.rows(row_ids)
-        hidden = self.states[rows, col : col + 1]
-        positions = self.positions[rows, col : col + 1]
-        for slot in skipped_slots:
-            keys, values = project(slot, hidden, positions)
-            self.keys[slot, rows, :, col : col + 1] = keys
-            self.values[slot, rows, :, col : col + 1] = values
-            self.filled[row_ids, slot] = col + 1
+        """`propagate` policy: fills these rows' pending columns of `slot` before column `last`
+        from their exited states; `project(slot, hidden, positions)` gives that slot's
+        keys/values. Rows with different pending runs share one call (masked writes)."""
+        pending = row_ids[self.filled[row_ids, slot] < last]
+        if len(pending) == 0:
+            return
+        win = self.window(slot, pending, last - 1)
+        keys, values = project(slot, self.read_states(win), self.positions[win.rows, win.first : last])
+        self.write_kv(slot, win, keys, values)
+        self.commit(slot, win)
