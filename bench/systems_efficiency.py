@@ -69,7 +69,7 @@ PARTS = ("layer_calls", "head", "propagate")
 
 @contextlib.contextmanager
 def time_parts(adapter, totals: Dict[str, float], device: torch.device) -> Iterator[None]:
-    """Adds the seconds of every adapter layer call, head call and propagate into `totals`."""
+    """Adds the seconds of every adapter layer call, head call and `propagate` projection into `totals`."""
     originals = {"layer_calls": adapter.forward_layer, "head": adapter.head}
 
     def timed(key, fn):
@@ -83,13 +83,13 @@ def time_parts(adapter, totals: Dict[str, float], device: torch.device) -> Itera
 
     adapter.forward_layer = timed("layer_calls", originals["layer_calls"])
     adapter.head = timed("head", originals["head"])
-    propagate = DecodeCache.propagate
-    DecodeCache.propagate = lambda self, *a, **k: timed("propagate", propagate)(self, *a, **k)
+    project = DecodeCache.project_pending
+    DecodeCache.project_pending = lambda self, *a, **k: timed("propagate", project)(self, *a, **k)
     try:
         yield
     finally:
         del adapter.forward_layer, adapter.head
-        DecodeCache.propagate = propagate
+        DecodeCache.project_pending = project
 
 
 def synced(device: torch.device) -> float:
