@@ -130,3 +130,23 @@ def test_exits_take_the_dtype_of_a_half_precision_lm(init):
     lm = _opt().half()
     exits = EarlyExits(adapter_for(lm), ExitConfig.from_dict({"layers": [1, 3], "init": init}, LAYERS))
     assert {p.dtype for p in exits.exits.parameters()} == {torch.float16}
+
+
+def test_the_few_rows_head_path_gives_the_linear_layers_logits():
+    """The head's `W @ x.T` path for 2-3 rows (adapters/base.py, a CPU BLAS speed-up) computes
+    what the nn.Linear computes, with and without bias, and is taken only where it was measured."""
+    from lavis_free.exits.adapters.base import _few_rows_linear, _is_few_rows_vocab_projection
+
+    torch.manual_seed(0)
+    for bias in (False, True):
+        head = torch.nn.Linear(16, 9000, bias=bias)
+        for shape in ((2, 16), (3, 16), (1, 3, 16)):
+            x = torch.randn(*shape)
+            with torch.no_grad():
+                assert _is_few_rows_vocab_projection(head, x)
+                torch.testing.assert_close(_few_rows_linear(head, x), head(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert not _is_few_rows_vocab_projection(head, torch.randn(4, 16))
+        assert not _is_few_rows_vocab_projection(head, torch.randn(1, 16))
+        assert not _is_few_rows_vocab_projection(torch.nn.Linear(16, 512), torch.randn(2, 16))
+    assert not _is_few_rows_vocab_projection(head, torch.randn(2, 16))  # training: autograd keeps the plain path

@@ -166,7 +166,7 @@ class DecoderAdapter(ABC):
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits from final-normed features."""
         for module in self.head_modules():
-            features = module(features)
+            features = _few_rows_linear(module, features) if _is_few_rows_vocab_projection(module, features) else module(features)
         return features
 
     @abstractmethod
@@ -199,3 +199,18 @@ class DecoderAdapter(ABC):
             hidden = self.forward_layer(layer, hidden, positions, mask, no_cache, encoder)
             outputs.append(hidden)
         return outputs
+
+
+def _is_few_rows_vocab_projection(module: nn.Module, features: torch.Tensor) -> bool:
+    """A vocabulary-sized projection of 2 or 3 rows on CPU, in inference. Exit checks on the rows
+    still going create such calls, and there MKL's `x @ W.T` is up to 3.4x slower than `W @ x.T`
+    (OPT-350m's 50272 x 512 head: 12.5 / 18.4 ms at 2 / 3 rows against 3.8 / 5.4 ms; 1.4-1.7x
+    for 2560- and 4096-wide heads; from 4 rows on `x @ W.T` is as fast or faster)."""
+    return (isinstance(module, nn.Linear) and features.device.type == "cpu" and not torch.is_grad_enabled()
+            and module.out_features >= 8192 and 2 <= features.numel() // features.shape[-1] <= 3)
+
+
+def _few_rows_linear(module: nn.Linear, features: torch.Tensor) -> torch.Tensor:
+    rows = features.reshape(-1, features.shape[-1]).T
+    out = torch.mm(module.weight, rows) if module.bias is None else torch.addmm(module.bias[:, None], module.weight, rows)
+    return out.T.reshape(*features.shape[:-1], module.out_features)
