@@ -7,10 +7,12 @@ hundreds of microseconds a layer call takes on CPU) while test captions are deco
   layer_call   the adapter's decoder-layer call of a backbone layer in a decode step (the arithmetic
                and its per-op overhead)
   layer_book   the rest of running a backbone layer: window, mask, cache reads/writes, commits
-  exit_check   an exit: its layer (with its window and cache), the frozen head and the decision
-               (with its host sync)
-  engine       everything else of a decode step: embedding the last token, the logits
-               constraints (suppressed ids, min length), bookkeeping per token
+  exit_check   an exit: its layer (with its window and cache) and its check (`_exit_check`: the
+               confidence, with the frozen head when the confidence reads logits, and the
+               decision with its host sync); with `confidence: learned` the head of a token
+               leaving through the LM's head runs in the step's one head call (engine)
+  engine       everything else of a decode step: embedding the last token, the head call at
+               the step's end, the logits constraints (suppressed ids, min length), bookkeeping
 Per-layer figures divide by the backbone layer calls of decode steps.
 
     python bench/step_profile.py --model-type shapes_frozen_lm --num-samples 50 --out bench/results/step_profile
@@ -33,14 +35,13 @@ import lavis_free  # noqa: F401
 from lavis.models import load_model_and_preprocess
 
 from lavis_free.exits.engine import EarlyExitDecoder
-from lavis_free.exits.exit_block import ExitBlock, VanillaExit
 from lavis_free.hosts import exits_of
 
 
 @contextlib.contextmanager
 def timed_engine(totals: Dict[str, float], counts: Dict[str, int]) -> Iterator[None]:
     """Wrap the engine's steps with timers that add into `totals` (seconds) and `counts`."""
-    originals = {name: getattr(EarlyExitDecoder, name) for name in ("prefill", "_run_layer", "_run_exit", "_decide_exits", "generate")}
+    originals = {name: getattr(EarlyExitDecoder, name) for name in ("prefill", "_run_layer", "_run_exit", "_exit_check", "generate")}
     state = {"in_prefill": False, "in_exit": False}
 
     def wrap(name, key):
@@ -92,31 +93,16 @@ def timed_engine(totals: Dict[str, float], counts: Dict[str, int]) -> Iterator[N
             return originals["_run_exit"](self, *args, **kwargs)
         return wrap("_run_exit", lambda s: "exit_layer")(self, *args, **kwargs)
 
-    heads = {cls: cls.logits for cls in (ExitBlock, VanillaExit)}
-
-    def head_of(cls):
-        def timed(self, *args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return heads[cls](self, *args, **kwargs)
-            finally:
-                totals["exit_head"] += time.perf_counter() - start
-        return timed
-
-    for cls in heads:
-        cls.logits = head_of(cls)
     EarlyExitDecoder.prefill = prefill
     EarlyExitDecoder._run_layer = layer
     EarlyExitDecoder._run_exit = run_exit
-    EarlyExitDecoder._decide_exits = wrap("_decide_exits", lambda s: "exit_decide")
+    EarlyExitDecoder._exit_check = wrap("_exit_check", lambda s: "exit_decide")
     EarlyExitDecoder.generate = wrap("generate", lambda s: "generate")
     try:
         yield
     finally:
         for name, fn in originals.items():
             setattr(EarlyExitDecoder, name, fn)
-        for cls, fn in heads.items():
-            cls.logits = fn
 
 
 def main() -> None:
@@ -148,7 +134,7 @@ def main() -> None:
                                           return_exit_stats=True, **options)
                 tokens += len(stats["exit_layers"][0])
             wall = time.perf_counter() - start
-        exit_check = totals["exit_layer"] + totals["exit_head"] + totals["exit_decide"]
+        exit_check = totals["exit_layer"] + totals["exit_decide"]
         split = {
             "image": wall - totals["generate"],
             "prefill": totals["prefill"],

@@ -12,7 +12,8 @@ Where the decode time goes (ms per token): the adapter's decoder-layer calls (ex
 included), the head's calls (exit checks and final), the `propagate` projections, and the rest
 (the engine's own bookkeeping). A layer call on a few rows costs far more than its share of a
 full-batch call when decoding is memory-bound, so `layer calls` shows how much of the ideal the
-hardware lets a per-row exit keep; `rest` is what the engine adds.
+hardware lets a per-row exit keep; `rest` is what the engine adds (with `--checks learned`,
+the confidence heads' small calls too).
 
 `--checks learned` replays the same schedule with the learned exit check (confidence.py): a check
 that does not fire runs no head (the heads here are random; the schedule decides).

@@ -12,7 +12,8 @@
 #      ViT and LM, on captions, VQA and dialogue (projects/free/shapes_stage1_frozen_lm.yaml);
 #   4. export of the best checkpoint (val CIDEr) over the frozen components into the package;
 #   5. FREE exits and the two baselines on the frozen backbone, and the exit quality report
-#      (run_scripts/train_exits_shapes.sh with projects/free/shapes_caption_frozen_lm.yaml);
+#      (run_scripts/train_exits_shapes.sh with projects/free/shapes_caption_frozen_lm.yaml), then
+#      the learned exit check fitted to the FREE exits (lavis_free.evaluation.fit_confidence);
 #   6. calibration of the threshold on val captions (1% relative CIDEr), reported on test;
 #   7. VQA (VQAv2 accuracy) and dialogue (answer accuracy) on test at full depth and at that
 #      threshold (captions, CIDEr and per-attribute accuracy, are in step 6's report).
@@ -97,6 +98,10 @@ stage "4/7 export: $ASSETS/blip2_opt_free_shapes_frozen_lm.pth"
 stage "5/7 FREE exits and baselines on the frozen backbone, exit quality report"
 CFG="$CFG" TRAIN_THREADS="$TRAIN_THREADS" REPORT="$REPORT/exit_quality" DATA="$DATA" \
     bash run_scripts/train_exits_shapes.sh "$ASSETS" "model.exits.inference.exit_threshold=null"
+# the learned exit check (confidence: learned) fitted to the FREE exits, shipped in their file
+"$PYTHON" -m lavis_free.evaluation.fit_confidence --cfg-path "$CFG" --max-samples 4000 --val-samples 500 --no-progress \
+    --out "$REPORT/confidence" --options "model.exits_checkpoint=$ASSETS/exits_free.pth" "datasets.shapes_caption.build_info.storage=$DATA"
+cp "$REPORT/confidence/exits_confidence.pth" "$ASSETS/exits_free.pth"
 
 stage "6/7 calibration on val captions, early exit vs full depth on test"
 "$PYTHON" -m lavis_free.evaluation.calibrate --cfg-path "$CFG" --calib-split val --test-split test --tolerance 0.01 \

@@ -260,11 +260,14 @@ def test_each_row_leaves_at_its_first_confident_exit(confidence, kv_policy):
 
 # ---- the learned confidence: read from features, the head only for rows that leave ----------
 class LearnedStub(nn.Module):
-    """A confidence head whose output for row r's decided token (input 4 + r) is `values[r]`."""
+    """A confidence head whose output for row r's decided token is `values[r]` (its features are
+    the one-hot of token `first + r`: the input 4 + r, or a `ShiftedLMHeadExit`'s shift of it)."""
 
-    def __init__(self, values):
+    def __init__(self, values, first=4):
         super().__init__()
-        self.register_buffer("by_token", torch.tensor([0.0] * 4 + list(values)))
+        by_token = torch.zeros(V)
+        by_token[first : first + ROWS] = torch.tensor(values)
+        self.register_buffer("by_token", by_token)
 
     def forward(self, features):
         return features @ self.by_token
@@ -286,6 +289,38 @@ def test_learned_confidence_decides_from_features_and_pays_the_head_only_on_leav
     assert [row[1] for row in result.heads_run] == [1, 1, 1, 1]
     # the token is the leaving exit's choice (its uniform logits: token 0) or the head's
     assert result.tokens[:, 1].tolist() == [0, 0, TOP[FULL][2], 0]
+
+
+class ShiftedLMHeadExit(StubExit):
+    """A FREE-like exit: its logits are the LM's head on its features (`reads_lm_head`), and its
+    features are the input token's one-hot shifted by 4, so row r's features read as token r,
+    which the head maps to 4 + r; at full depth it maps to TOP[FULL][r]. The token emitted thus
+    says whose features the step's one head call read, and for which row."""
+
+    reads_lm_head = True
+
+    def __init__(self):
+        super().__init__(torch.zeros(V, V))
+
+    def features(self, adapter, hidden, positions, attn_mask, kv_store=no_cache, encoder=None):
+        return super().features(adapter, hidden, positions, attn_mask, kv_store, encoder).roll(4, dims=-1)
+
+    def logits(self, adapter, features):
+        return adapter.head(features)
+
+
+@pytest.mark.parametrize("kv_policy", ["recompute", "propagate"])
+def test_rows_leaving_through_the_lm_head_share_the_steps_head_call(kv_policy):
+    """Rows 0 and 3 leave at exit 0, row 1 at exit 1, row 2 at full depth, so the step's one head
+    call gathers them out of order ([0, 3], [1], [2]); each must get its own exit's logits."""
+    adapter, exits = build([[UNIFORM] * ROWS, [UNIFORM] * ROWS])
+    exits.exits = [ShiftedLMHeadExit(), ShiftedLMHeadExit()]
+    exits.confidence_heads = [LearnedStub([0.7, 0.5, 0.55, 0.62], first=0), LearnedStub([0.4, 0.9, 0.59, 0.8], first=0)]
+    exits.confidence_fitted = torch.tensor(True)
+    result, adapter, exits = decode_with(adapter, exits, exit_threshold=0.6, confidence="learned", kv_policy=kv_policy)
+    assert [row[1] for row in result.layers_run] == EXPECTED
+    assert result.tokens[:, 1].tolist() == [4, 5, TOP[FULL][2], 7]
+    assert [row[1] for row in result.heads_run] == [1, 1, 1, 1]
 
 
 def test_learned_confidence_without_fitted_heads_is_refused():

@@ -2,10 +2,14 @@
 
 Why after exit training: the label is whether an exit's token equals the frozen final layer's,
 which is only known once the exits are trained; the exits and the backbone stay frozen, so
-their features are computed once (teacher-forced over the training texts, the positions exit
-training scores) and the small heads train on them in memory, in seconds. The held-out tokens
+their features are computed once (teacher-forced, at the positions exit training scores) and
+the small heads train on them in memory, in seconds. The texts are by default the model's own
+full-depth greedy continuations (`--texts own`, as `loss.mode: pseudo` makes them): the
+contexts the check meets when decoding, rather than the references (`--texts dataset`). The held-out tokens
 are the `--val-samples` training samples after the first `--max-samples` (eval splits of LAVIS
-caption datasets carry no texts). Written to `--out`:
+caption datasets carry no texts): held out from the heads' fit only. The exits were trained on
+those samples and their images pass the split's train processors, so agreement and AUC there are
+optimistic as absolute figures; learned and max_prob are compared on the same tokens. Written to `--out`:
   exits_confidence.pth   the exits file with the fitted heads (load it as model.exits_checkpoint)
   fit_confidence.json/md per exit, on the held-out split: how often the exit agrees with the
                          final layer, and how well each confidence predicts that agreement
@@ -20,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +35,15 @@ from lavis_free.evaluation.runs import add_project_arguments, project_from_args
 from lavis_free.exits import losses
 from lavis_free.exits.confidence import max_prob
 from lavis_free.hosts import exits_of
+from lavis_free.tasks.exit_training import PseudoLabels
 from lavis.datasets.data_utils import prepare_sample
 
 CHECKPOINT = "exits_confidence.pth"
 
 
 @torch.no_grad()
-def exit_agreement(project, split: str, samples_range: range, progress: bool = True) -> List[Dict[str, torch.Tensor]]:
+def exit_agreement(project, split: str, samples_range: range, own_texts: bool = True, dataset: Optional[str] = None,
+                   progress: bool = True) -> List[Dict[str, torch.Tensor]]:
     """Per exit, over the scored positions of these samples of `split`: its features, whether its
     argmax equals the final layer's, and its max_prob (the softmax check the learned one is
     compared with)."""
@@ -46,12 +52,16 @@ def exit_agreement(project, split: str, samples_range: range, progress: bool = T
         raise ValueError(f"{project.cfg_path}: the model has no exits (set model.exits.layers and model.exits_checkpoint)")
     adapter, exits = host.adapter, host.early_exits
     lm_samples = getattr(project.task, "exit_lm_samples", lambda samples: samples)
+    if own_texts:
+        pseudo = PseudoLabels(max_len=int(getattr(project.task, "max_len", 30)), min_len=1)
+        dataset_texts = lm_samples
+        lm_samples = lambda samples: pseudo.relabel(host, dataset_texts(samples))  # noqa: E731
     per_exit: List[Dict[str, List[torch.Tensor]]] = [{"features": [], "agree": [], "max_prob": []} for _ in exits.exits]
-    dataset = project.dataset(split)
-    if samples_range.stop > len(dataset):
-        raise ValueError(f"split {split!r} has {len(dataset)} samples; --max-samples + --val-samples = {samples_range.stop}")
-    loader = DataLoader(Subset(dataset, samples_range), batch_size=project.batch_size, shuffle=False,
-                        collate_fn=getattr(dataset, "collater", None))
+    data = project.dataset(split, dataset)
+    if samples_range.stop > len(data):
+        raise ValueError(f"split {split!r} has {len(data)} samples; --max-samples + --val-samples = {samples_range.stop}")
+    loader = DataLoader(Subset(data, samples_range), batch_size=project.batch_size, shuffle=False,
+                        collate_fn=getattr(data, "collater", None))
     desc = f"exit features ({split} {samples_range.start}-{samples_range.stop})"
     for samples in tqdm(loader, desc=desc, leave=False, disable=not progress):
         samples = lm_samples(prepare_sample(samples, cuda_enabled=project.device.type == "cuda"))
@@ -118,18 +128,20 @@ def check_quality(scores: torch.Tensor, agree: torch.Tensor, thresholds: Sequenc
 
 
 def fit_confidence(project, split: str, max_samples: int, val_samples: int, epochs: int, lr: float,
-                   thresholds: Sequence[float], progress: bool = True) -> Dict[str, Any]:
+                   thresholds: Sequence[float], own_texts: bool = True, dataset: Optional[str] = None,
+                   progress: bool = True) -> Dict[str, Any]:
     """Fits every exit's confidence head on the first `max_samples` of `split`, scores it on the
     next `val_samples`, and marks the heads fitted; returns the report."""
     for name, value in (("--max-samples", max_samples), ("--val-samples", val_samples)):
         if value is None or value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    train = exit_agreement(project, split, range(max_samples), progress)
-    held_out = exit_agreement(project, split, range(max_samples, max_samples + val_samples), progress)
+    train = exit_agreement(project, split, range(max_samples), own_texts, dataset, progress)
+    held_out = exit_agreement(project, split, range(max_samples, max_samples + val_samples), own_texts, dataset, progress)
     host = exits_of(project.model)
     exits = host.early_exits
     report: Dict[str, Any] = {"cfg_path": project.cfg_path, "split": split, "fit_samples": max_samples,
-                              "held_out_samples": val_samples, "exit_layers": list(host.config.layers),
+                              "held_out_samples": val_samples, "texts": "own" if own_texts else "dataset",
+                              "exit_layers": list(host.config.layers),
                               "epochs": epochs, "lr": lr, "exits": []}
     for k, head in enumerate(exits.confidence_heads):
         curve = fit_head(head, train[k]["features"], train[k]["agree"], epochs, lr)
@@ -152,7 +164,7 @@ def report_markdown(report: Dict[str, Any]) -> str:
         f"# Learned exit check: {report['cfg_path']}",
         "",
         f"Fitted on the first {report['fit_samples']} samples of `{report['split']}`, scored on the next "
-        f"{report['held_out_samples']} (teacher-forced positions). "
+        f"{report['held_out_samples']} (teacher-forced positions, texts: {report['texts']}). "
         "Agreement = the exit's token equals the final layer's. AUC: how well the confidence ranks agreeing "
         "tokens above the others (0.5 = chance).",
         "",
@@ -175,6 +187,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     add_project_arguments(parser)
     parser.add_argument("--split", default="train", help="split with texts (default: train)")
     parser.add_argument("--val-samples", type=int, default=500, help="held-out samples after the first --max-samples (default 500)")
+    parser.add_argument("--texts", choices=["own", "dataset"], default="own",
+                        help="own: the model's greedy continuations (default); dataset: the split's texts")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.8, 0.9])
@@ -184,7 +198,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     project = project_from_args(args)
     report = fit_confidence(project, args.split, args.max_samples or 4000, args.val_samples, args.epochs, args.lr,
-                            args.thresholds, progress=not args.no_progress)
+                            args.thresholds, own_texts=args.texts == "own", dataset=args.dataset,
+                            progress=not args.no_progress)
     args.out.mkdir(parents=True, exist_ok=True)
     paths = {"checkpoint": str(args.out / CHECKPOINT), "json": str(args.out / "fit_confidence.json"),
              "markdown": str(args.out / "fit_confidence.md")}

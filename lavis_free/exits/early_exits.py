@@ -49,8 +49,10 @@ class EarlyExits(nn.Module):
         self.discriminators = nn.ModuleList(
             FeatureClassifier(adapter.hidden_size, config.disc_hidden) for _ in config.layers
         ) if config.adversarial else nn.ModuleList()
-        # fitted after exit training (lavis_free.evaluation.fit_confidence), so frozen during it
-        self.confidence_heads = nn.ModuleList(ConfidenceHead(adapter.hidden_size) for _ in config.layers).requires_grad_(False)
+        # fitted after exit training (lavis_free.evaluation.fit_confidence), so frozen during it;
+        # initialised on a forked RNG, so that adding them changed no seeded draw that follows
+        with torch.random.fork_rng(devices=[]):
+            self.confidence_heads = nn.ModuleList(ConfidenceHead(adapter.hidden_size) for _ in config.layers).requires_grad_(False)
         self.register_buffer("confidence_fitted", torch.tensor(False))
 
     def optimizer_groups(self) -> Dict[str, List[nn.Parameter]]:

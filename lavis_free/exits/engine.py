@@ -101,7 +101,7 @@ class DecodeResult:
     tokens: torch.Tensor  # [B, T] generated ids, pad after EOS
     layers_run: List[List[int]]  # decoder layers run per step the row took part in (EOS trims it)
     exit_blocks_run: List[List[int]]  # exit transformers run per emitted token
-    heads_run: List[List[int]]  # head applications (exit checks + final) per emitted token
+    heads_run: List[List[int]]  # head applications per emitted token (softmax exit checks, and the head it leaves through)
     num_layers: int
     head_cost: float = 0.0  # one head in decoder-layer units
     token_logprobs: Optional[torch.Tensor] = None  # scoring: [B, T] log-prob of each forced token, 0 after EOS

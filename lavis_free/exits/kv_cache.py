@@ -25,7 +25,7 @@ fill them (chosen per call):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -83,7 +83,8 @@ class DecodeCache:
 
     def reorder_rows(self, order: torch.Tensor) -> None:
         """Row i becomes what row `order[i]` was (beam search keeping some beams, copying
-        others), with its filled counts, so pending `recompute` columns move with their row."""
+        others), with its filled counts and states, so pending columns (`recompute`'s windows,
+        `propagate`'s unprojected exited states) move with their row."""
         if torch.equal(order, torch.arange(len(order), device=order.device)):
             return  # every beam kept its own row: nothing to copy
         self.keys = self.keys.index_select(1, order)

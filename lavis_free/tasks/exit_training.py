@@ -356,6 +356,8 @@ class ExitTrainer:
                 f"iteration; use 1 (raise run.batch_size_train instead)"
             )
         host = exits_of(model)
+        # fitted confidence heads describe the exits as they were: they go stale as these train
+        host.early_exits.confidence_fitted.fill_(False)
         optimizers, schedulers = _by_group(optimizer, lr_scheduler, list(host.optimizer_groups()))
         metric_logger = MetricLogger(delimiter="  ")
         for group in optimizers:

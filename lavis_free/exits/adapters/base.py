@@ -205,7 +205,9 @@ def _is_few_rows_vocab_projection(module: nn.Module, features: torch.Tensor) -> 
     """A vocabulary-sized projection of 2 or 3 rows on CPU, in inference. Exit checks on the rows
     still going create such calls, and there MKL's `x @ W.T` is up to 3.4x slower than `W @ x.T`
     (OPT-350m's 50272 x 512 head: 12.5 / 18.4 ms at 2 / 3 rows against 3.8 / 5.4 ms; 1.4-1.7x
-    for 2560- and 4096-wide heads; from 4 rows on `x @ W.T` is as fast or faster)."""
+    for 2560- and 4096-wide heads; from 4 rows on `x @ W.T` is as fast or faster). The two orders
+    round differently in the last bits, so where two tokens tie to float precision the argmax
+    may differ from Hugging Face's `generate` (no tiny test model has a vocabulary this large)."""
     return (isinstance(module, nn.Linear) and features.device.type == "cpu" and not torch.is_grad_enabled()
             and module.out_features >= 8192 and 2 <= features.numel() // features.shape[-1] <= 3)
 
