@@ -79,7 +79,13 @@ def exit_agreement(project, split: str, samples_range: range, own_texts: bool = 
 
 def fit_head(head: torch.nn.Module, features: torch.Tensor, agree: torch.Tensor, epochs: int, lr: float,
              batch_size: int = 512, seed: int = 0) -> List[float]:
-    """Binary cross-entropy of the head's agreement logits; returns the loss per epoch."""
+    """Binary cross-entropy of the head's agreement logits, from a fresh seeded initialisation
+    (not from heads an earlier fit left in the exits file); returns the loss per epoch."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in head.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.reset_parameters()
     generator = torch.Generator().manual_seed(seed)
     device = next(head.parameters()).device
     head.requires_grad_(True).train()
