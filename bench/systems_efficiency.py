@@ -99,6 +99,26 @@ def synced(device: torch.device) -> float:
     return time.perf_counter()
 
 
+@torch.no_grad()
+def layer_call_ms(adapter, rows: int, device: torch.device, dtype: torch.dtype, cols: int = 64, repeats: int = 3) -> float:
+    """ms of one decode-step layer call on `rows` rows (one column each, `cols` cached keys),
+    the median over passes through every layer (so weights come from memory, as in decoding)."""
+    hidden = torch.randn(rows, 1, adapter.hidden_size, device=device, dtype=dtype)
+    cached = torch.randn(rows, adapter.num_kv_heads, cols - 1, adapter.head_dim, device=device, dtype=dtype)
+    positions = torch.full((rows, 1), cols - 1, device=device)
+
+    def store(keys, values):
+        return torch.cat([cached, keys], 2), torch.cat([cached, values], 2)
+
+    times = []
+    for _ in range(repeats + 1):
+        start = synced(device)
+        for layer in adapter.layers:
+            adapter.forward_layer(layer, hidden, positions, None, store)
+        times.append((synced(device) - start) / adapter.num_layers)
+    return 1000 * statistics.median(times[1:])
+
+
 def layer_speedup(result: DecodeResult) -> float:
     """Full-depth cost over the cost actually paid, in decoder-layer units (heads included)."""
     full = sum(len(row) for row in result.layers_run) * (result.num_layers + result.head_cost)
@@ -202,6 +222,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
+        "layer_call_ms_by_rows": {rows: layer_call_ms(adapter, rows, device, dtype) for rows in (1, 2, 3, 4, 8)},
         "dims": args.dims, "exit_layers": exit_layers, "exit_probs": args.exit_probs, "prefix": args.prefix,
         "new_tokens": args.new_tokens, "device": str(device), "dtype": str(dtype),
         "torch_threads": torch.get_num_threads(), "head_cost_layers": adapter.head_cost_in_layers(),
@@ -225,6 +246,8 @@ def main() -> None:
         f"{r['ideal_speedup']:.2f}x | {r['measured_speedup']:.2f}x | {r['efficiency']:.2f} | {r['end_to_end_speedup']:.2f}x | {split(r)} |"
         for r in rows
     ]
+    costs = ", ".join(f"{rows} rows {ms:.2f}" for rows, ms in meta["layer_call_ms_by_rows"].items())
+    lines.append(f"\nOne decode-step layer call (ms): {costs}.")
     (args.out / f"{name}.md").write_text(json.dumps(meta) + "\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
