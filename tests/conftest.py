@@ -27,3 +27,18 @@ def shapes_data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes_data")
     generate_dataset(str(out), seed=0, sizes=SHAPES_SIZES, progress=False)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def project_yaml(shapes_data_dir, tmp_path_factory):
+    """A captioning project on `tiny` with exits after layers 2, 5, 8 over the session's shapes data."""
+    from omegaconf import OmegaConf
+
+    path = tmp_path_factory.mktemp("project") / "project.yaml"
+    OmegaConf.save(OmegaConf.create({
+        "model": {"arch": "blip2_opt_free", "model_type": "tiny", "exits": {"layers": [2, 5, 8]}},
+        "datasets": {"shapes_caption": {"build_info": {"storage": shapes_data_dir}}},
+        "run": {"task": "free_captioning", "caption_scorers": ["bleu", "cider"], "batch_size_eval": 2,
+                "num_beams": 1, "max_len": 6, "min_len": 1, "seed": 42},
+    }), path)
+    return str(path)

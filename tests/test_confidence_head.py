@@ -17,18 +17,6 @@ from lavis_free.models.blip2_opt_free import Blip2OPTFree
 
 
 @pytest.fixture(scope="module")
-def project_yaml(shapes_data_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("project") / "project.yaml"
-    OmegaConf.save(OmegaConf.create({
-        "model": {"arch": "blip2_opt_free", "model_type": "tiny", "exits": {"layers": [2, 5, 8]}},
-        "datasets": {"shapes_caption": {"build_info": {"storage": shapes_data_dir}}},
-        "run": {"task": "free_captioning", "caption_scorers": ["bleu", "cider"], "batch_size_eval": 4,
-                "num_beams": 1, "max_len": 6, "min_len": 1, "seed": 42},
-    }), path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def fitted(project_yaml, tmp_path_factory):
     out = tmp_path_factory.mktemp("confidence")
     paths = fit_confidence.main(["--cfg-path", project_yaml, "--max-samples", "10", "--val-samples", "6",

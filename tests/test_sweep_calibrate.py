@@ -100,18 +100,6 @@ def test_oracle_teacher_forcing_reproduces_the_decode(tiny_exit_model):
         oracle_stats(model, calls)
 
 
-@pytest.fixture(scope="module")
-def project_yaml(shapes_data_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("project") / "project.yaml"
-    OmegaConf.save(OmegaConf.create({
-        "model": {"arch": "blip2_opt_free", "model_type": "tiny", "exits": {"layers": [2, 5, 8]}},
-        "datasets": {"shapes_caption": {"build_info": {"storage": shapes_data_dir}}},
-        "run": {"task": "free_captioning", "caption_scorers": ["bleu", "cider"], "batch_size_eval": 2,
-                "num_beams": 1, "max_len": 6, "min_len": 1, "seed": 42},
-    }), path)
-    return str(path)
-
-
 def test_sweep_writes_one_row_per_setting_and_a_plot(project_yaml, tmp_path):
     paths = sweep.main(["--cfg-path", project_yaml, "--split", "val", "--thresholds", "0.9", "0.0",
                         "--policies", "recompute", "propagate", "--max-samples", "4", "--threads", "1",
