@@ -5,7 +5,8 @@ exit transformer's cache. Then, token by token, decoder layers run one at a time
 layer its exit transformer and the frozen head give logits, and `_decide_exits` (THE place where
 the exit decision is made) lets rows whose confidence reaches the threshold emit their token and
 stop. With `confidence: learned` the rule reads a small confidence head on the exit's features
-instead, and only the rows that leave pay the head. Keys/values those rows skipped are filled by the cache's policy (see kv_cache.py).
+instead, and only the rows that leave pay the head. Keys/values those rows skipped are filled by
+the cache's policy (see kv_cache.py).
 
 Batch semantics: every row decides for itself. A slot runs only on the rows still going at that
 depth (the others are gathered out), so rows that exited do not pay for deeper layers; rows that
@@ -437,10 +438,12 @@ class EarlyExitDecoder:
         if len(going):
             to_head.append((going, adapter.final_norm(cache.states[cache.rows(going), col])))
         if to_head:
-            rows = np.concatenate([r for r, _ in to_head])
-            order = np.argsort(rows)
-            features = torch.cat([f for _, f in to_head])[torch.as_tensor(order, device=cache.states.device)]
-            rows = rows[order]
+            rows, features = to_head[0]  # each entry's rows are sorted; several are merged in row order
+            if len(to_head) > 1:
+                rows = np.concatenate([r for r, _ in to_head])
+                order = np.argsort(rows)
+                features = torch.cat([f for _, f in to_head])[torch.as_tensor(order, device=cache.states.device)]
+                rows = rows[order]
             logits = self._scores(adapter.head(features), step, opts, cache.rows(rows), scores)
             if chosen is None and len(rows) == len(active):
                 chosen = logits  # every row reads this head: nothing to gather
