@@ -497,12 +497,16 @@ def test_recompute_caches_equal_a_full_depth_pass(lm, prefix, exits):
             torch.testing.assert_close(got.transpose(1, 2)[used], want.transpose(1, 2)[used], atol=1e-5, rtol=1e-4)
 
 
-def test_propagate_writes_each_skipped_layers_rotated_projection(lm, prefix, exits):
+def test_propagate_writes_each_skipped_layers_rotated_projection(lm, prefix, exits, monkeypatch):
     """For each exited token, every deeper backbone layer and deeper exit layer holds, at that
     column, its own key (rotated at the token's position) and value projection of its own
     input_layernorm of the exited hidden state; the exit's own slot ties that state to what the
     exit read. For a row's first exited token, the next layer's keys/values equal HF's pass."""
+    widths = []  # every decode-step call runs one column (or the prefill's): pending ones are projected
+    mask_of = EarlyExitDecoder._mask
+    monkeypatch.setattr(EarlyExitDecoder, "_mask", lambda self, win: widths.append(win.last - win.first + 1) or mask_of(self, win))
     decoder, result = engine_decode(lm, exits, prefix, exit_threshold=THRESHOLD, kv_policy="propagate")
+    assert widths and set(widths) <= {1, prefix.attention_mask.shape[1]}, sorted(set(widths))
     lazy = decoder.cache.filled.copy()
     decoder.flush(prefix.attention_mask.shape[1] + NEW - 2)  # propagate projects lazily, when a slot next runs for the row
     tokens, cache = result.tokens, decoder.cache

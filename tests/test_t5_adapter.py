@@ -660,13 +660,19 @@ def test_recompute_caches_equal_a_full_depth_pass(lm, encoded, exits):
             torch.testing.assert_close(got.transpose(1, 2)[used], want.transpose(1, 2)[used], atol=1e-5, rtol=1e-4)
 
 
-def test_propagate_fills_skipped_slots_with_their_projections(lm, encoded, exits):
+def test_propagate_fills_skipped_slots_with_their_projections(lm, encoded, exits, monkeypatch):
     """For each exited token, every deeper backbone block and deeper exit block holds its own
     k/v projection of its own self-attention norm of the exited hidden state; for a row's first
     exited token (every earlier token ran full depth) the next block's keys/values equal the
     full-depth teacher-forced pass exactly."""
+    from lavis_free.exits.engine import EarlyExitDecoder
+
     _, mask, states = encoded
+    widths = []  # every decode-step call runs one column: pending ones are projected, not run
+    mask_of = EarlyExitDecoder._mask
+    monkeypatch.setattr(EarlyExitDecoder, "_mask", lambda self, win: widths.append(win.last - win.first + 1) or mask_of(self, win))
     decoder, result = engine_decode(lm, exits, states, mask, exit_threshold=THRESHOLD, kv_policy="propagate")
+    assert widths and set(widths) == {1}, sorted(set(widths))
     lazy = decoder.cache.filled.copy()
     decoder.flush(NEW - 1)  # propagate projects lazily, when a slot next runs for the row
     tokens, cache = result.tokens, decoder.cache
